@@ -1,0 +1,425 @@
+"""The sweep configuration: a typed schema, a strict YAML loader and one-line error messages.
+
+A sweep file has three top-level keys::
+
+    mlflow:       {tracking_uri, experiment_name}
+    defaults:     {...}   merged deeply into every experiment (the experiment's own keys win)
+    experiments:  [{name, backend, gradient, ...}, ...]
+
+Everything is validated before the first run starts. Each problem becomes one line naming the
+experiment, the field and the allowed values; :class:`ConfigError` carries those lines and
+``run.py`` prints them and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BACKENDS = ("classical", "pennylane", "tensorcircuit")
+GRADIENTS = ("backprop", "adjoint", "parameter-shift", "spsa", "finite-diff")
+#: Which gradient methods each backend can do. Adjoint needs a state-vector simulator that
+#: supports it (PennyLane); parameter shift needs rotation gates (not a classical MLP).
+SUPPORTED_GRADIENTS: dict[str, tuple[str, ...]] = {
+    "classical": ("backprop", "spsa", "finite-diff"),
+    "pennylane": ("backprop", "adjoint", "parameter-shift", "spsa", "finite-diff"),
+    "tensorcircuit": ("backprop", "parameter-shift", "spsa", "finite-diff"),
+}
+CARTPOLE_N_ACTIONS = 2
+_OBSERVABLE_RE = re.compile(r"^-?(Z\d+)+$")
+
+
+class ConfigError(Exception):
+    """Invalid configuration; ``lines`` holds one human-readable line per problem."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class MLflowConfig(_Strict):
+    tracking_uri: str | None = None
+    """Tracking URI; unset means $MLFLOW_TRACKING_URI, else ``sqlite:///mlflow.db`` in the cwd."""
+    experiment_name: str = Field("qml-cartpole", min_length=1)
+    """MLflow experiment that receives the sweep's parent run and its child runs."""
+
+
+class ModelConfig(_Strict):
+    n_qubits: int = Field(4, ge=1, le=16)
+    """Qubits of the data re-uploading circuit."""
+    n_layers: int = Field(5, ge=1, le=50)
+    """Re-uploading layers (each: variational Rx Ry Rz, CZ ring, encoding); a final variational layer follows."""
+    observables: Literal["auto"] | list[str] = "auto"
+    """One Pauli-Z product per action, e.g. ``["Z0Z1", "Z2Z3"]``; a leading ``-`` flips the sign.
+    ``auto``: REINFORCE uses +/- Z0...Zn-1 (Jerbi et al.), DQN splits the qubits in two halves (Skolik et al.)."""
+    init: Literal["uniform", "normal", "zeros"] = "uniform"
+    """Variational angles: U(0, pi) (TFQ tutorial), N(0, 0.1^2), or all zero. Input scalings and output weights start at 1."""
+    beta: float = Field(1.0, gt=0)
+    """Inverse temperature of the softmax policy (REINFORCE)."""
+    hidden_sizes: list[int] = Field(default_factory=lambda: [64, 64])
+    """Widths of the classical MLP's hidden layers (classical backend only)."""
+
+    @field_validator("hidden_sizes")
+    @classmethod
+    def _positive_widths(cls, v: list[int]) -> list[int]:
+        if not v or any(w < 1 for w in v):
+            raise ValueError("must be a non-empty list of positive integers")
+        return v
+
+
+class PennyLaneConfig(_Strict):
+    device: Literal["auto", "default.qubit", "lightning.qubit"] = "auto"
+    """``auto``: lightning.qubit for adjoint, default.qubit (with broadcasting) otherwise."""
+
+
+class TensorCircuitConfig(_Strict):
+    math_backend: Literal["jax", "pytorch"] = "jax"
+    """jax: jit + vmap through ``tc.interfaces.torch_interface``; pytorch: torch autograd directly."""
+
+
+class LearningRates(_Strict):
+    weights: float = Field(0.01, gt=0)
+    """Variational angles (quantum) or all MLP weights (classical)."""
+    input_scaling: float = Field(0.1, gt=0)
+    """Trainable input scalings lambda of the encoding gates."""
+    output: float = Field(0.1, gt=0)
+    """Trainable output weights of the readout."""
+
+
+class DQNConfig(_Strict):
+    buffer_size: int = Field(10_000, ge=1)
+    batch_size: int = Field(16, ge=1)
+    epsilon_start: float = Field(1.0, ge=0, le=1)
+    epsilon_end: float = Field(0.01, ge=0, le=1)
+    epsilon_decay: float = Field(0.99, gt=0, le=1)
+    """Multiplicative decay of epsilon after every episode."""
+    target_update_every: int = Field(30, ge=1)
+    target_update_unit: Literal["steps", "episodes"] = "steps"
+    train_every: int = Field(1, ge=1)
+    """Environment steps between gradient updates."""
+    learning_starts: int | None = Field(None, ge=1)
+    """Transitions in the buffer before the first update; unset means one batch."""
+
+
+class TrainingConfig(_Strict):
+    episodes: int = Field(5, ge=1, le=10_000_000)
+    episodes_per_batch: int = Field(1, ge=1, le=4096)
+    """REINFORCE: episodes stepped together through a vector environment per update."""
+    gamma: float = Field(0.99, ge=0, le=1)
+    lr: LearningRates = LearningRates()
+    max_grad_norm: float | None = Field(None, gt=0)
+    """Clip the total gradient norm (unset: no clipping)."""
+    normalize_returns: bool = True
+    """REINFORCE: standardise the returns-to-go of each episode."""
+    dqn: DQNConfig = DQNConfig()
+
+
+class SPSAConfig(_Strict):
+    """Simultaneous perturbation (Spall 1998): c_k = c/(k+1)^gamma, a_k = a/(A+k+1)^alpha."""
+
+    c: float = Field(0.1, gt=0)
+    a: float | None = Field(None, gt=0)
+    """Learning-rate multiplier numerator; unset means (A+1)^alpha, so a_0 = 1."""
+    A: float = Field(10.0, ge=0)
+    alpha: float = Field(0.602, ge=0)
+    gamma: float = Field(0.101, ge=0)
+    n_directions: int = Field(1, ge=1, le=10_000)
+
+
+class FiniteDiffConfig(_Strict):
+    step: float = Field(1e-4, gt=0, lt=1)
+    scheme: Literal["central", "forward"] = "central"
+
+
+class ExperimentConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$", max_length=200)
+    task: Literal["cartpole"] = "cartpole"
+    algorithm: Literal["reinforce", "dqn"] = "reinforce"
+    backend: Literal["classical", "pennylane", "tensorcircuit"]
+    gradient: Literal["backprop", "adjoint", "parameter-shift", "spsa", "finite-diff"]
+    model: ModelConfig = ModelConfig()
+    pennylane: PennyLaneConfig = PennyLaneConfig()
+    tensorcircuit: TensorCircuitConfig = TensorCircuitConfig()
+    training: TrainingConfig = TrainingConfig()
+    spsa: SPSAConfig = SPSAConfig()
+    finite_diff: FiniteDiffConfig = FiniteDiffConfig()
+    seed: int | None = Field(None, ge=0, lt=2**32)
+    seeds: list[int] | None = None
+    timeout_s: float = Field(600.0, gt=0, le=7 * 24 * 3600)
+    """Hard wall-clock limit of one run (its own process is killed at this time)."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_valid(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("must list at least one seed")
+            if any(s < 0 or s >= 2**32 for s in v):
+                raise ValueError("seeds must be integers in [0, 2**32)")
+            if len(set(v)) != len(v):
+                raise ValueError("seeds must be distinct")
+        return v
+
+    @model_validator(mode="after")
+    def _combinations(self) -> ExperimentConfig:
+        allowed = SUPPORTED_GRADIENTS[self.backend]
+        if self.gradient not in allowed:
+            raise ValueError(
+                f"field 'gradient': {self.gradient!r} is not available on backend {self.backend!r}; "
+                f"allowed: {', '.join(allowed)}"
+            )
+        if self.backend == "pennylane" and self.pennylane.device == "lightning.qubit" and self.gradient == "backprop":
+            raise ValueError(
+                "field 'pennylane.device': lightning.qubit cannot do backprop; "
+                "allowed with backprop: auto, default.qubit"
+            )
+        if self.seed is not None and self.seeds is not None:
+            raise ValueError("fields 'seed' and 'seeds': give one or the other, not both")
+        if self.backend != "classical" and self.model.observables != "auto":
+            if len(self.model.observables) != CARTPOLE_N_ACTIONS:
+                raise ValueError(
+                    f"field 'model.observables': needs one observable per action ({CARTPOLE_N_ACTIONS}), "
+                    f"got {len(self.model.observables)}"
+                )
+            for obs in self.model.observables:
+                if not _OBSERVABLE_RE.match(obs):
+                    raise ValueError(
+                        f"field 'model.observables': {obs!r} is not a Pauli-Z product; allowed: e.g. 'Z0Z1', '-Z0Z1Z2Z3'"
+                    )
+                qubits = [int(q) for q in re.findall(r"\d+", obs)]
+                if max(qubits) >= self.model.n_qubits or len(set(qubits)) != len(qubits):
+                    raise ValueError(
+                        f"field 'model.observables': {obs!r} needs distinct qubits in 0..{self.model.n_qubits - 1}"
+                    )
+        if self.algorithm == "dqn" and self.backend != "classical" and self.model.observables == "auto":
+            if self.model.n_qubits < CARTPOLE_N_ACTIONS:
+                raise ValueError("field 'model.n_qubits': DQN with observables 'auto' needs at least 2 qubits")
+        return self
+
+    @property
+    def seed_list(self) -> list[int]:
+        if self.seeds is not None:
+            return list(self.seeds)
+        return [self.seed if self.seed is not None else 0]
+
+    @property
+    def gradient_is_estimated(self) -> bool:
+        """True when the gradient comes from the black-box estimators (SPSA, finite differences)."""
+        return self.gradient in ("spsa", "finite-diff")
+
+
+class SweepConfig(_Strict):
+    mlflow: MLflowConfig = MLflowConfig()
+    experiments: list[ExperimentConfig]
+    source: str = "<memory>"
+    """Where the config came from (for messages and the parent run)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate mapping keys instead of silently keeping the last one."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"unhashable key {key!r}", key_node.start_mark
+            ) from None
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Return ``base`` updated recursively by ``override`` (neither is modified)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``dotted.key=value`` (value is YAML: ``5``, ``0.1``, ``[1, 2]``, ``lightning.qubit``)."""
+    if "=" not in text:
+        raise ConfigError([f"--set {text!r}: expected dotted.key=value"])
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError([f"--set {text!r}: empty key"])
+    try:
+        value = yaml.load(raw, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"--set {text!r}: value is not valid YAML ({_one_line(str(exc))})"]) from None
+    return parts, value
+
+
+def _set_dotted(target: dict, parts: list[str], value: Any) -> None:
+    node = target
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _format_validation_error(prefix: str, exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{prefix}: unknown field {loc!r}")
+        elif loc:
+            got = err.get("input")
+            shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
+            if len(shown) > 60:
+                shown = shown[:57] + "..."
+            lines.append(f"{prefix}: field {loc!r}: {msg} (got {shown})")
+        else:
+            lines.append(f"{prefix}: {msg}")
+    return lines
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config file ({exc.strerror or exc})"]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: config file is not valid UTF-8"]) from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: invalid YAML: {_one_line(str(exc))}"]) from None
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    raw: Any = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    only: list[str] | tuple[str, ...] = (),
+) -> SweepConfig:
+    """Load, merge and validate a sweep; raise :class:`ConfigError` listing every problem.
+
+    ``overrides`` are ``dotted.key=value`` strings: keys under ``mlflow.`` change the mlflow
+    section, any other key is set in every experiment (after the defaults are merged in).
+    ``only`` keeps the named experiments (unknown names are an error).
+    """
+    source = str(path) if path is not None else "<memory>"
+    if raw is None:
+        if path is None:
+            raise ValueError("load_config needs a path or raw data")
+        raw = _read_yaml(Path(path))
+    if raw is None:
+        raise ConfigError([f"{source}: config file is empty; expected keys: mlflow, defaults, experiments"])
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{source}: top level must be a mapping with keys mlflow, defaults, experiments"])
+    unknown = sorted(set(map(str, raw)) - {"mlflow", "defaults", "experiments"})
+    if unknown:
+        raise ConfigError(
+            [f"{source}: unknown top-level field {k!r}; allowed: mlflow, defaults, experiments" for k in unknown]
+        )
+    mlflow_raw = raw.get("mlflow") or {}
+    defaults = raw.get("defaults") or {}
+    experiments_raw = raw.get("experiments")
+    lines: list[str] = []
+    if not isinstance(mlflow_raw, dict):
+        lines.append(f"{source}: field 'mlflow' must be a mapping")
+    if not isinstance(defaults, dict):
+        lines.append(f"{source}: field 'defaults' must be a mapping")
+    if not isinstance(experiments_raw, list) or not experiments_raw:
+        lines.append(f"{source}: field 'experiments' must be a non-empty list")
+    if lines:
+        raise ConfigError(lines)
+
+    experiment_overrides = []
+    mlflow_raw = copy.deepcopy(mlflow_raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        if parts[0] == "mlflow":
+            if len(parts) < 2:
+                raise ConfigError([f"--set {text!r}: name a field under mlflow"])
+            _set_dotted(mlflow_raw, parts[1:], value)
+        else:
+            experiment_overrides.append((parts, value))
+
+    try:
+        mlflow_cfg = MLflowConfig.model_validate(mlflow_raw)
+    except ValidationError as exc:
+        lines.extend(_format_validation_error(f"{source}: mlflow", exc))
+        mlflow_cfg = None
+
+    experiments: list[ExperimentConfig] = []
+    names: dict[str, int] = {}
+    for i, item in enumerate(experiments_raw):
+        label = f"{source}: experiments[{i}]"
+        if not isinstance(item, dict):
+            lines.append(f"{label}: must be a mapping with at least name, backend, gradient")
+            continue
+        merged = deep_merge(defaults, item)
+        for parts, value in experiment_overrides:
+            _set_dotted(merged, parts, value)
+        name = merged.get("name")
+        if isinstance(name, str):
+            label += f" ({name})"
+        try:
+            exp = ExperimentConfig.model_validate(merged)
+        except ValidationError as exc:
+            lines.extend(_format_validation_error(label, exc))
+            continue
+        if exp.name in names:
+            lines.append(f"{label}: field 'name': {exp.name!r} is used by experiments[{names[exp.name]}] too")
+            continue
+        names[exp.name] = i
+        experiments.append(exp)
+    if lines:
+        raise ConfigError(lines)
+
+    if only:
+        unknown_only = [n for n in only if n not in names]
+        if unknown_only:
+            raise ConfigError(
+                [f"--only {n!r}: no such experiment; allowed: {', '.join(names)}" for n in unknown_only]
+            )
+        experiments = [e for e in experiments if e.name in set(only)]
+    assert mlflow_cfg is not None
+    return SweepConfig(mlflow=mlflow_cfg, experiments=experiments, source=source)

@@ -1,0 +1,485 @@
+"""Policies and Q-networks: one data re-uploading circuit on PennyLane and TensorCircuit, and an MLP.
+
+The circuit (Jerbi et al. 2021; Skolik et al. 2022) on ``n`` qubits with ``L`` layers::
+
+    for l in 0..L-1:   Rx(theta[l,i,0]) Ry(theta[l,i,1]) Rz(theta[l,i,2]) on every qubit i
+                       CZ ring (i, i+1 mod n)
+                       Rx(lambda[l,k] * s[k mod d]) on qubit k mod n, for k in 0..max(n, d)-1
+    final:             Rx Ry Rz with theta[L]
+    readout:           <O_a> for one Pauli-Z product O_a per action a
+
+``s`` is the observation divided by :data:`CARTPOLE_INPUT_SCALE`. The head multiplies each
+readout by a trainable weight ``w_a`` (init 1) and its sign: REINFORCE uses softmax(beta * w_a
+<O_a>), DQN uses Q_a = w_a <O_a>. With 4 qubits and 5 layers this is the reference 94-parameter
+model (72 angles, 20 input scalings, 2 output weights).
+
+All quantum models are float64 (complex128 states), so that backends can be compared to 1e-6
+and finite differences are not drowned in round-off. Each backend is a callable that maps a
+batch of *gate angles* ``(N, G)`` (the variational angles followed by the encoding angles, one
+row per circuit) to expectation values ``(N, O)`` and counts every circuit it executes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from config_schema import ExperimentConfig
+
+#: CartPole-v1 observation bounds used to normalise inputs (TFQ tutorial): x, x_dot, theta, theta_dot.
+CARTPOLE_INPUT_SCALE = (2.4, 2.5, 0.21, 2.5)
+DTYPE = torch.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# Circuit layout shared by every backend
+
+
+@dataclass(frozen=True)
+class CircuitSpec:
+    n_qubits: int
+    n_layers: int
+    n_inputs: int
+    readouts: tuple[tuple[float, tuple[int, ...]], ...]
+    """(sign, qubits of the Z product) per action."""
+
+    @property
+    def n_encoding(self) -> int:
+        return max(self.n_qubits, self.n_inputs)
+
+    def encoding_qubit(self, k: int) -> int:
+        return k % self.n_qubits
+
+    def encoding_feature(self, k: int) -> int:
+        return k % self.n_inputs
+
+    @property
+    def ring(self) -> list[tuple[int, int]]:
+        n = self.n_qubits
+        if n == 1:
+            return []
+        if n == 2:
+            return [(0, 1)]
+        return [(i, (i + 1) % n) for i in range(n)]
+
+    @property
+    def observables(self) -> tuple[tuple[int, ...], ...]:
+        """Distinct Z products evaluated by the circuit."""
+        seen: list[tuple[int, ...]] = []
+        for _, qubits in self.readouts:
+            if qubits not in seen:
+                seen.append(qubits)
+        return tuple(seen)
+
+    @property
+    def readout_index(self) -> list[int]:
+        return [self.observables.index(q) for _, q in self.readouts]
+
+    @property
+    def readout_sign(self) -> list[float]:
+        return [s for s, _ in self.readouts]
+
+    @property
+    def n_theta(self) -> int:
+        return (self.n_layers + 1) * self.n_qubits * 3
+
+    @property
+    def n_gate_angles(self) -> int:
+        return self.n_theta + self.n_layers * self.n_encoding
+
+    def theta_index(self, layer: int, qubit: int, axis: int) -> int:
+        return (layer * self.n_qubits + qubit) * 3 + axis
+
+    def encoding_index(self, layer: int, k: int) -> int:
+        return self.n_theta + layer * self.n_encoding + k
+
+    def gates(self):
+        """The circuit as a list of ``(kind, wires, angle_index)``; kind in rx, ry, rz, cz.
+
+        Both backends build their circuits from this list, so they cannot drift apart.
+        """
+        ops = []
+        for layer in range(self.n_layers + 1):
+            for q in range(self.n_qubits):
+                for axis, kind in enumerate(("rx", "ry", "rz")):
+                    ops.append((kind, (q,), self.theta_index(layer, q, axis)))
+            if layer == self.n_layers:
+                break
+            for a, b in self.ring:
+                ops.append(("cz", (a, b), None))
+            for k in range(self.n_encoding):
+                ops.append(("rx", (self.encoding_qubit(k),), self.encoding_index(layer, k)))
+        return ops
+
+
+def parse_observable(text: str) -> tuple[float, tuple[int, ...]]:
+    """``"-Z0Z1"`` -> ``(-1.0, (0, 1))``."""
+    sign = -1.0 if text.startswith("-") else 1.0
+    return sign, tuple(int(q) for q in re.findall(r"\d+", text))
+
+
+def default_observables(algorithm: str, n_qubits: int) -> list[str]:
+    """REINFORCE: +/- Z on all qubits (Jerbi); DQN: Z products of the two halves of the qubits (Skolik)."""
+    if algorithm == "reinforce":
+        all_z = "".join(f"Z{q}" for q in range(n_qubits))
+        return [all_z, "-" + all_z]
+    half = n_qubits // 2
+    return ["".join(f"Z{q}" for q in range(half)), "".join(f"Z{q}" for q in range(half, n_qubits))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends: gate angles (N, G) -> expectation values (N, O)
+
+
+class CircuitBackend:
+    """Base class: counts executed circuits; subclasses implement ``_evaluate``."""
+
+    name = "base"
+    #: True when ``torch.autograd`` can differentiate through ``__call__`` directly.
+    differentiable = True
+
+    def __init__(self, spec: CircuitSpec):
+        self.spec = spec
+        self.circuit_evals = 0
+
+    def __call__(self, gate_angles: torch.Tensor) -> torch.Tensor:
+        if gate_angles.ndim != 2 or gate_angles.shape[1] != self.spec.n_gate_angles:
+            raise ValueError(f"gate angles must have shape (N, {self.spec.n_gate_angles}), got {tuple(gate_angles.shape)}")
+        self.circuit_evals += gate_angles.shape[0]
+        return self._evaluate(gate_angles)
+
+    def _evaluate(self, gate_angles: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class PennyLaneCircuit(CircuitBackend):
+    """A torch-interface QNode with parameter broadcasting over the batch of gate angles.
+
+    ``diff_method`` is passed to the QNode (backprop or adjoint). Adjoint does not vectorise:
+    PennyLane splits a broadcast batch into one simulation per row. PennyLane's own
+    parameter-shift transform refuses gradients with respect to broadcast trainable parameters
+    (PennyLane #4462, still so in 0.45.1), and every gate angle here is per-sample and trainable,
+    so parameter shift wraps this backend in :class:`ParameterShiftCircuit` instead.
+    """
+
+    name = "pennylane"
+
+    def __init__(self, spec: CircuitSpec, device_name: str, diff_method: str | None):
+        super().__init__(spec)
+        import pennylane as qml
+
+        self.device_name = device_name
+        self.diff_method = diff_method
+        dev = qml.device(device_name, wires=spec.n_qubits)
+        gates = spec.gates()
+        observables = spec.observables
+        op_of = {"rx": qml.RX, "ry": qml.RY, "rz": qml.RZ}
+
+        def circuit(angles):
+            for kind, wires, idx in gates:
+                if kind == "cz":
+                    qml.CZ(wires=list(wires))
+                else:
+                    op_of[kind](angles[..., idx], wires=wires[0])
+            return [qml.expval(qml.prod(*[qml.Z(q) for q in qubits])) for qubits in observables]
+
+        self._qnode = qml.QNode(circuit, dev, interface="torch", diff_method=diff_method)
+
+    def _evaluate(self, gate_angles: torch.Tensor) -> torch.Tensor:
+        out = self._qnode(gate_angles)
+        out = torch.stack(list(out), dim=-1) if isinstance(out, (list, tuple)) else out[..., None]
+        return out.reshape(gate_angles.shape[0], len(self.spec.observables))
+
+
+def _bucket(n: int) -> int:
+    """Smallest power of two >= n: batch sizes are padded to these so jit compiles few shapes."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class TensorCircuitCircuit(CircuitBackend):
+    """TensorCircuit-NG state-vector circuit, vmapped over the batch.
+
+    jax: ``jit(vmap(circuit))`` wrapped for torch by ``tc.interfaces.torch_interface``; batches
+    are zero-padded to a power of two (and split into chunks of at most ``max_chunk``) so only a
+    handful of shapes are ever compiled; ``compiled_shapes`` records them. pytorch: the same
+    circuit vmapped with torch.func, differentiated by torch autograd.
+    """
+
+    name = "tensorcircuit"
+    max_chunk = 1 << 15
+
+    def __init__(self, spec: CircuitSpec, math_backend: str = "jax"):
+        super().__init__(spec)
+        import tensorcircuit as tc
+
+        self.math_backend = math_backend
+        self.compiled_shapes: set[int] = set()
+        gates = spec.gates()
+        observables = spec.observables
+
+        def single(angles):
+            K = tc.backend
+            c = tc.Circuit(spec.n_qubits)
+            for kind, wires, idx in gates:
+                if kind == "cz":
+                    c.cz(*wires)
+                else:
+                    getattr(c, kind)(wires[0], theta=angles[idx])
+            return K.stack([K.real(c.expectation_ps(z=list(q))) for q in observables])
+
+        if math_backend == "jax":
+            import jax
+
+            jax.config.update("jax_enable_x64", True)
+            # torch_interface converts and differentiates with the *global* backend.
+            tc.set_backend("jax")
+            tc.set_dtype("complex128")
+            self._fn = tc.interfaces.torch_interface(tc.backend.vmap(single, vectorized_argnums=0), jit=True)
+        elif math_backend == "pytorch":
+            with tc.runtime_backend("pytorch") as K:
+                batched = K.vmap(single, vectorized_argnums=0)
+
+            def in_torch_backend(angles):
+                with tc.runtime_backend("pytorch"), tc.runtime_dtype("complex128"):
+                    return batched(angles)
+
+            self._fn = in_torch_backend
+        else:
+            raise ValueError(f"tensorcircuit math backend {math_backend!r}; allowed: jax, pytorch")
+
+    @property
+    def n_compiles(self) -> int:
+        return len(self.compiled_shapes)
+
+    def _evaluate(self, gate_angles: torch.Tensor) -> torch.Tensor:
+        if self.math_backend == "pytorch":
+            return self._fn(gate_angles)
+        outs = []
+        for chunk in torch.split(gate_angles, self.max_chunk):
+            n = chunk.shape[0]
+            size = _bucket(n)
+            self.compiled_shapes.add(size)
+            if size != n:
+                chunk = torch.cat([chunk, chunk.new_zeros(size - n, chunk.shape[1])])
+            outs.append(self._fn(chunk)[:n])
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+class ParameterShiftCircuit(CircuitBackend):
+    """Any backend, differentiated by the parameter-shift rule of gradients.py instead of autodiff."""
+
+    def __init__(self, inner: CircuitBackend):  # no super().__init__: the inner backend counts
+        self.spec = inner.spec
+        self.inner = inner
+        self.name = inner.name
+
+    @property
+    def circuit_evals(self) -> int:  # type: ignore[override]
+        return self.inner.circuit_evals
+
+    def __call__(self, gate_angles: torch.Tensor) -> torch.Tensor:
+        from gradients import parameter_shift_expvals
+
+        def evaluate(angles: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return self.inner(angles)
+
+        return parameter_shift_expvals(gate_angles, evaluate)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+class PolicyModel(nn.Module):
+    """Maps observations ``(B, d)`` to action scores ``(B, A)`` (logits or Q-values).
+
+    ``functional_forward(flat, obs)`` evaluates ``M`` parameter vectors at once, ``(M, P)`` ->
+    ``(M, B, A)``, without autograd: the batched call the gradient estimators use.
+    """
+
+    head: str
+    backend_name: str = "classical"
+
+    def flat_parameters(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self.parameters()])
+
+    def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Split ``(M, P)`` into tensors shaped ``(M, *p.shape)`` in ``parameters()`` order."""
+        out, start = [], 0
+        for p in self.parameters():
+            out.append(flat[:, start : start + p.numel()].reshape(flat.shape[0], *p.shape))
+            start += p.numel()
+        return out
+
+    def normalise(self, obs: torch.Tensor) -> torch.Tensor:
+        return obs.to(DTYPE) / self.input_scale
+
+    @property
+    def circuit_evals(self) -> int:
+        return 0
+
+    def param_groups(self, lr) -> list[dict]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class MLPPolicy(PolicyModel):
+    """Classical baseline: tanh MLP with the given hidden widths (float64, same input scaling)."""
+
+    def __init__(self, n_inputs: int, n_actions: int, hidden_sizes: list[int], head: str, beta: float, seed: int):
+        super().__init__()
+        self.head = head
+        self.beta = beta if head == "policy" else 1.0
+        layers: list[nn.Module] = []
+        width = n_inputs
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for h in hidden_sizes:
+                layers += [nn.Linear(width, h, dtype=DTYPE), nn.Tanh()]
+                width = h
+            layers.append(nn.Linear(width, n_actions, dtype=DTYPE))
+        self.net = nn.Sequential(*layers)
+        self.register_buffer("input_scale", torch.tensor(CARTPOLE_INPUT_SCALE[:n_inputs], dtype=DTYPE))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.beta * self.net(self.normalise(obs))
+
+    def functional_forward(self, flat: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+        x = self.normalise(obs)
+        names = [n for n, _ in self.net.named_parameters()]
+
+        def one(*params):
+            return torch.func.functional_call(self.net, dict(zip(names, params)), (x,), strict=True)
+
+        with torch.no_grad():
+            return self.beta * torch.func.vmap(one)(*self.unflatten(flat.to(DTYPE)))
+
+    def param_groups(self, lr) -> list[dict]:
+        return [{"params": list(self.parameters()), "lr": lr.weights, "name": "weights"}]
+
+
+class ReUploadingPQC(PolicyModel):
+    """The data re-uploading circuit with trainable input scaling and output weights.
+
+    Parameters (in this order): ``theta`` (L+1, n, 3), ``input_scaling`` (L, max(n, d)),
+    ``output_weights`` (A,). Initialised from the seed identically whatever the backend.
+    """
+
+    def __init__(self, spec: CircuitSpec, circuit: CircuitBackend, head: str, beta: float, init: str, seed: int):
+        super().__init__()
+        self.spec = spec
+        self.circuit = circuit
+        self.head = head
+        self.beta = beta if head == "policy" else 1.0
+        self.backend_name = circuit.name
+        gen = torch.Generator().manual_seed(seed)
+        shape = (spec.n_layers + 1, spec.n_qubits, 3)
+        if init == "uniform":
+            theta = torch.rand(shape, generator=gen, dtype=DTYPE) * math.pi
+        elif init == "normal":
+            theta = 0.1 * torch.randn(shape, generator=gen, dtype=DTYPE)
+        elif init == "zeros":
+            theta = torch.zeros(shape, dtype=DTYPE)
+        else:
+            raise ValueError(f"init {init!r}; allowed: uniform, normal, zeros")
+        self.theta = nn.Parameter(theta)
+        self.input_scaling = nn.Parameter(torch.ones(spec.n_layers, spec.n_encoding, dtype=DTYPE))
+        self.output_weights = nn.Parameter(torch.ones(len(spec.readouts), dtype=DTYPE))
+        self.register_buffer("input_scale", torch.tensor(CARTPOLE_INPUT_SCALE[: spec.n_inputs], dtype=DTYPE))
+        self.register_buffer("feature_index", torch.tensor([spec.encoding_feature(k) for k in range(spec.n_encoding)]))
+        self.register_buffer("readout_index", torch.tensor(spec.readout_index))
+        self.register_buffer("readout_sign", torch.tensor(spec.readout_sign, dtype=DTYPE))
+
+    @property
+    def circuit_evals(self) -> int:
+        return self.circuit.circuit_evals
+
+    def gate_angles(self, theta: torch.Tensor, input_scaling: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+        """Per-circuit gate angles ``(M*B, G)`` for ``M`` parameter sets and ``B`` observations."""
+        m, b = theta.shape[0], obs.shape[0]
+        s = self.normalise(obs)[:, self.feature_index]  # (B, K)
+        encoding = input_scaling[:, None, :, :] * s[None, :, None, :]  # (M, B, L, K)
+        variational = theta.reshape(m, 1, -1).expand(m, b, self.spec.n_theta)
+        return torch.cat([variational, encoding.reshape(m, b, -1)], dim=-1).reshape(m * b, -1)
+
+    def _forward(self, theta, input_scaling, output_weights, obs) -> torch.Tensor:
+        m, b = theta.shape[0], obs.shape[0]
+        expvals = self.circuit(self.gate_angles(theta, input_scaling, obs)).reshape(m, b, -1)
+        readout = expvals[..., self.readout_index] * self.readout_sign
+        return self.beta * output_weights[:, None, :] * readout
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self._forward(self.theta[None], self.input_scaling[None], self.output_weights[None], obs)[0]
+
+    def functional_forward(self, flat: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self._forward(*self.unflatten(flat.to(DTYPE)), obs)
+
+    def param_groups(self, lr) -> list[dict]:
+        return [
+            {"params": [self.theta], "lr": lr.weights, "name": "weights"},
+            {"params": [self.input_scaling], "lr": lr.input_scaling, "name": "input_scaling"},
+            {"params": [self.output_weights], "lr": lr.output, "name": "output"},
+        ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry: (backend, gradient) -> ready model
+
+
+def pennylane_device_for(gradient: str, configured: str) -> str:
+    """``auto``: lightning.qubit for adjoint (fast C++ adjoint), default.qubit with broadcasting otherwise."""
+    if configured != "auto":
+        return configured
+    return "lightning.qubit" if gradient == "adjoint" else "default.qubit"
+
+
+def _pennylane_circuit(spec: CircuitSpec, exp: ExperimentConfig) -> CircuitBackend:
+    device = pennylane_device_for(exp.gradient, exp.pennylane.device)
+    if exp.gradient == "parameter-shift":
+        # Shifted circuits are evaluated by one broadcast forward call (see PennyLaneCircuit).
+        return ParameterShiftCircuit(PennyLaneCircuit(spec, device, diff_method=None))
+    # SPSA and finite differences only evaluate the circuit; backprop is the fastest forward there.
+    diff_method = exp.gradient if exp.gradient in ("backprop", "adjoint") else "backprop"
+    if device == "lightning.qubit" and diff_method == "backprop":
+        diff_method = "adjoint"
+    return PennyLaneCircuit(spec, device, diff_method)
+
+
+def _tensorcircuit_circuit(spec: CircuitSpec, exp: ExperimentConfig) -> CircuitBackend:
+    circuit = TensorCircuitCircuit(spec, exp.tensorcircuit.math_backend)
+    if exp.gradient == "parameter-shift":
+        return ParameterShiftCircuit(circuit)
+    return circuit
+
+
+CIRCUIT_BACKENDS: dict[str, Callable[[CircuitSpec, ExperimentConfig], CircuitBackend]] = {
+    "pennylane": _pennylane_circuit,
+    "tensorcircuit": _tensorcircuit_circuit,
+}
+
+
+def circuit_spec(exp: ExperimentConfig, n_inputs: int, n_actions: int) -> CircuitSpec:
+    observables = exp.model.observables
+    if observables == "auto":
+        observables = default_observables(exp.algorithm, exp.model.n_qubits)
+    if len(observables) != n_actions:
+        raise ValueError(f"model.observables: {len(observables)} observables for {n_actions} actions")
+    return CircuitSpec(exp.model.n_qubits, exp.model.n_layers, n_inputs, tuple(parse_observable(o) for o in observables))
+
+
+def build_model(exp: ExperimentConfig, n_inputs: int, n_actions: int, seed: int) -> PolicyModel:
+    """The model for an experiment: backend and gradient method decide the circuit backend."""
+    head = "policy" if exp.algorithm == "reinforce" else "q"
+    if exp.backend == "classical":
+        return MLPPolicy(n_inputs, n_actions, exp.model.hidden_sizes, head, exp.model.beta, seed)
+    if exp.backend not in CIRCUIT_BACKENDS:
+        raise ValueError(f"backend {exp.backend!r}; allowed: classical, {', '.join(CIRCUIT_BACKENDS)}")
+    spec = circuit_spec(exp, n_inputs, n_actions)
+    circuit = CIRCUIT_BACKENDS[exp.backend](spec, exp)
+    return ReUploadingPQC(spec, circuit, head, exp.model.beta, exp.model.init, seed)

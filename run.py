@@ -1,0 +1,79 @@
+"""Run the sweep in a config file: every experiment x seed in its own process, logged to MLflow.
+
+    python run.py                       # config.yaml
+    python run.py -c configs/cartpole_reinforce.yaml --only tc_backprop --set training.episodes=500
+    python run.py --list                # what would run
+    python run.py --dry-run             # validate, resolve and print the plan; touch nothing
+
+Exit codes: 0 every run PASSED; 1 some run FAILED or TIMED_OUT; 2 invalid configuration or
+unusable tracking URI (nothing is written to MLflow then); 130 interrupted with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from config_schema import ConfigError, load_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-c", "--config", default="config.yaml", help="sweep file (default: config.yaml)")
+    p.add_argument("--only", nargs="+", metavar="NAME", default=[], help="run only these experiments")
+    p.add_argument("--list", action="store_true", help="list the runs and exit")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved runs; write nothing")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field in every experiment (mlflow.* for the mlflow section); repeatable")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: config, $MLFLOW_TRACKING_URI, sqlite:///mlflow.db)")
+    p.add_argument("--experiment-name", help="MLflow experiment name (default: from the config)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        cfg = load_config(args.config, overrides=args.overrides, only=args.only)
+    except ConfigError as exc:
+        for line in exc.lines:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+
+    from runner import expand
+    from utils import check_tracking_uri, resolve_tracking_uri
+
+    runs = expand(cfg)
+    tracking_uri = resolve_tracking_uri(args.tracking_uri, cfg.mlflow.tracking_uri)
+    experiment_name = args.experiment_name or cfg.mlflow.experiment_name
+    if args.list or args.dry_run:
+        print(f"{len(runs)} run(s) from {cfg.source} -> {tracking_uri} (experiment {experiment_name!r})")
+        for r in runs:
+            e = r.exp
+            print(f"  {r.name:40s} {e.algorithm:9s} {e.backend:13s} {e.gradient:15s} "
+                  f"episodes={e.training.episodes} timeout_s={e.timeout_s:g}")
+        if args.dry_run:
+            import yaml
+
+            for r in runs:
+                print(f"--- {r.name}")
+                print(yaml.safe_dump(r.exp.model_dump(mode="json"), sort_keys=False).rstrip())
+        return 0
+    try:
+        check_tracking_uri(tracking_uri)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from runner import Sweep
+
+    sweep = Sweep(cfg, tracking_uri, experiment_name)
+    outcomes = sweep.run()
+    if sweep.interrupted:
+        return 130
+    return 0 if outcomes and all(o.status == "PASSED" for o in outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,489 @@
+"""Run a validated sweep: one OS process per experiment x seed, hard time limits, MLflow runs.
+
+Structure in MLflow: one parent run per sweep invocation, one child run per experiment x seed
+(tag ``mlflow.parentRunId``). The parent process creates each child run (params, tags, resolved
+config) *before* starting its worker, so a run that times out or crashes still has everything
+it logged. The worker logs metrics as it trains; the parent alone decides the final status:
+
+- PASSED: the worker returned a result.
+- FAILED: the worker raised (message in tag ``error``, ``traceback.txt`` artifact) or died.
+- TIMED_OUT: still running at ``timeout_s``; the process is killed wherever it is.
+- KILLED: the sweep was interrupted (Ctrl-C) while the run was going.
+
+Workers come from a ``forkserver`` that has already imported torch, gymnasium, PennyLane,
+TensorCircuit and MLflow, so a run starts in milliseconds instead of seconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import multiprocessing as mp
+import os
+import queue as queue_module
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from config_schema import ExperimentConfig, SweepConfig
+from utils import flatten_dict, get_or_create_experiment, git_commit, library_versions, log_metrics, log_params, mlflow_client
+
+#: Test hook: ``NAME:hang`` or ``NAME:raise`` (comma-separated) makes the worker of run NAME block
+#: forever inside a C call or raise, after it has logged its first episode.
+FAULT_ENV = "QMLBENCH_INJECT_FAULT"
+PRELOAD = ["train", "models", "gradients", "mlflow", "pennylane", "tensorcircuit", "matplotlib.pyplot"]
+STATUSES = ("PASSED", "FAILED", "TIMED_OUT", "KILLED")
+MLFLOW_STATUS = {"PASSED": "FINISHED", "FAILED": "FAILED", "TIMED_OUT": "KILLED", "KILLED": "KILLED"}
+
+
+@dataclass
+class RunSpec:
+    exp: ExperimentConfig
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.exp.name}-seed{self.seed}"
+
+
+@dataclass
+class RunOutcome:
+    spec: RunSpec
+    status: str
+    wall_s: float
+    final_avg_return: float = float("nan")
+    episodes_done: int = 0
+    grad_circuit_evals: int | None = None
+    total_circuit_evals: int | None = None
+    run_id: str | None = None
+    error: str | None = None
+
+
+def expand(cfg: SweepConfig) -> list[RunSpec]:
+    return [RunSpec(exp, seed) for exp in cfg.experiments for seed in exp.seed_list]
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker (runs in its own process)
+
+
+class _WorkerReporter:
+    """Logs metrics straight to the run (nothing is lost if the process is killed) and sends progress."""
+
+    def __init__(self, client, run_id: str, run_name: str, events):
+        self.client, self.run_id, self.run_name, self.events = client, run_id, run_name, events
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        log_metrics(self.client, self.run_id, values, step, int(time.time() * 1000))
+
+    def progress(self, episode: int, total: int, avg_return: float) -> None:
+        self.events.put(("progress", episode, total, avg_return))
+        _maybe_inject_fault(self.run_name, episode)
+
+
+def _maybe_inject_fault(run_name: str, episode: int) -> None:
+    for item in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
+        name, _, kind = item.partition(":")
+        if name != run_name or episode < 1:
+            continue
+        if kind == "hang":
+            import ctypes
+
+            libc = ctypes.CDLL(None)
+            while True:  # pause() returns only when a handled signal arrives
+                libc.pause()
+        if kind == "raise":
+            raise RuntimeError(f"injected failure in {run_name} at episode {episode}")
+
+
+def _learning_curve_png(returns: list[float], title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    episodes = np.arange(len(returns))
+    ax.plot(episodes, returns, lw=0.8, alpha=0.5, label="episode return")
+    avg = [np.mean(returns[max(0, i - 9) : i + 1]) for i in range(len(returns))]
+    ax.plot(episodes, avg, lw=1.8, label="mean of last 10")
+    ax.set(xlabel="episode", ylabel="return", title=title)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_id: str, events) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C for the sweep
+    import torch
+
+    from train import train
+
+    client = mlflow_client(tracking_uri)
+    try:
+        exp = ExperimentConfig.model_validate(exp_data)
+        reporter = _WorkerReporter(client, run_id, run_name, events)
+        result = train(exp, seed, reporter)
+        final = {
+            "final/avg_return_10": result.final_avg_return,
+            "final/episodes": len(result.episode_returns),
+            "final/env_steps": result.env_steps,
+            "final/updates": result.updates,
+            "final/grad_circuit_evals": result.grad_circuit_evals,
+            "final/total_circuit_evals": result.total_circuit_evals,
+            "final/train_s": result.wall_s,
+        }
+        circuit = getattr(result.model, "circuit", None)
+        if circuit is not None and hasattr(getattr(circuit, "inner", circuit), "n_compiles"):
+            final["time/n_compiles"] = getattr(circuit, "inner", circuit).n_compiles
+        log_metrics(client, run_id, final, len(result.episode_returns), int(time.time() * 1000))
+        with tempfile.TemporaryDirectory() as tmp:
+            weights = Path(tmp) / "weights.pt"
+            torch.save({k: v.cpu() for k, v in result.model.state_dict().items()}, weights)
+            client.log_artifact(run_id, str(weights), "model")
+            curve = Path(tmp) / "learning_curve.png"
+            curve.write_bytes(_learning_curve_png(result.episode_returns, run_name))
+            client.log_artifact(run_id, str(curve))
+        events.put(("done", {
+            "final_avg_return": result.final_avg_return,
+            "episodes_done": len(result.episode_returns),
+            "grad_circuit_evals": result.grad_circuit_evals,
+            "total_circuit_evals": result.total_circuit_evals,
+        }))
+    except BaseException as exc:  # noqa: BLE001 - recorded as FAILED by the parent, never swallowed
+        message = f"{type(exc).__name__}: {exc}"
+        try:
+            client.log_text(run_id, traceback.format_exc(), "traceback.txt")
+        finally:
+            events.put(("error", message))
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Display
+
+
+class _Display:
+    """Live progress: rich bars on a terminal, plain lines otherwise."""
+
+    def __init__(self, total: int, live: bool):
+        self.total, self.live, self.done = total, live, 0
+        self._last_line = 0.0
+        if live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+            )
+            self.sweep_task = self.progress.add_task("runs", total=total)
+            self.run_task = None
+            self.progress.start()
+
+    def start_run(self, name: str, episodes: int) -> None:
+        if self.live:
+            if self.run_task is not None:
+                self.progress.remove_task(self.run_task)
+            self.run_task = self.progress.add_task(f"  {name}", total=episodes)
+        else:
+            print(f"[{self.done + 1}/{self.total}] {name}: started", flush=True)
+
+    def update(self, name: str, episode: int, total: int, avg_return: float) -> None:
+        if self.live:
+            self.progress.update(self.run_task, completed=episode, description=f"  {name} avg10 {avg_return:6.1f}")
+        elif time.monotonic() - self._last_line > 2.0 or episode == total:
+            self._last_line = time.monotonic()
+            print(f"[{self.done + 1}/{self.total}] {name}: episode {episode}/{total}, avg return {avg_return:.1f}", flush=True)
+
+    def end_run(self, outcome: RunOutcome) -> None:
+        self.done += 1
+        if self.live:
+            self.progress.update(self.sweep_task, completed=self.done)
+            self.progress.console.print(f"{outcome.spec.name}: {outcome.status} in {outcome.wall_s:.1f} s")
+        else:
+            extra = f" ({outcome.error})" if outcome.error else ""
+            print(f"[{self.done}/{self.total}] {outcome.spec.name}: {outcome.status} in {outcome.wall_s:.1f} s{extra}", flush=True)
+
+    def close(self) -> None:
+        if self.live:
+            self.progress.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary
+
+
+SUMMARY_COLUMNS = ("run", "backend", "gradient", "status", "wall_s", "final_avg_return", "grad_circuit_evals", "total_circuit_evals")
+
+
+def summary_rows(outcomes: list[RunOutcome]) -> list[dict]:
+    rows = []
+    for o in outcomes:
+        rows.append({
+            "run": o.spec.name,
+            "backend": o.spec.exp.backend,
+            "gradient": o.spec.exp.gradient,
+            "status": o.status,
+            "wall_s": round(o.wall_s, 2),
+            "final_avg_return": None if o.final_avg_return != o.final_avg_return else round(o.final_avg_return, 1),
+            "grad_circuit_evals": o.grad_circuit_evals,
+            "total_circuit_evals": o.total_circuit_evals,
+        })
+    return rows
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    header = "| " + " | ".join(SUMMARY_COLUMNS) + " |"
+    lines = [header, "|" + "---|" * len(SUMMARY_COLUMNS)]
+    for r in rows:
+        lines.append("| " + " | ".join("-" if r[c] is None else str(r[c]) for c in SUMMARY_COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def print_summary(rows: list[dict], total_s: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Sweep summary ({total_s:.1f} s)")
+    for col in SUMMARY_COLUMNS:
+        table.add_column(col, justify="right" if col not in ("run", "backend", "gradient", "status") else "left")
+    for r in rows:
+        table.add_row(*("-" if r[c] is None else str(r[c]) for c in SUMMARY_COLUMNS))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)
+    console.print(table)
+
+
+def comparison_png(client, outcomes: list[RunOutcome]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    for o in outcomes:
+        if o.run_id is None:
+            continue
+        history = sorted(client.get_metric_history(o.run_id, "rollout/avg_return_10"), key=lambda m: m.step)
+        if history:
+            ax1.plot([m.step for m in history], [m.value for m in history], label=o.spec.name, lw=1.3)
+    ax1.set(xlabel="episode", ylabel="mean return (last 10)", title="Return against episode")
+    if ax1.lines:
+        ax1.legend(fontsize=7, loc="upper left")
+    names = [o.spec.name for o in outcomes]
+    colors = {"PASSED": "tab:green", "FAILED": "tab:red", "TIMED_OUT": "tab:orange", "KILLED": "tab:gray"}
+    ax2.barh(names, [o.wall_s for o in outcomes], color=[colors.get(o.status, "tab:gray") for o in outcomes])
+    ax2.invert_yaxis()
+    ax2.tick_params(axis="y", labelsize=7)
+    ax2.set(xlabel="wall time (s)", title="Wall time per run (colour = status)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep
+
+
+class Sweep:
+    def __init__(self, cfg: SweepConfig, tracking_uri: str, experiment_name: str, live: bool | None = None):
+        self.cfg = cfg
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self.live = sys.stdout.isatty() if live is None else live
+        self.runs = expand(cfg)
+        self.interrupted = False
+        self.parent_run_id: str | None = None
+
+    def _context(self):
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(PRELOAD)
+        return ctx
+
+    def _create_child(self, client, experiment_id: str, spec: RunSpec) -> str:
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+        exp = spec.exp
+        tags = {
+            MLFLOW_PARENT_RUN_ID: self.parent_run_id,
+            MLFLOW_RUN_NAME: spec.name,
+            "status": "RUNNING",
+            "experiment": exp.name,
+            "seed": str(spec.seed),
+            "task": exp.task,
+            "algorithm": exp.algorithm,
+            "backend": exp.backend,
+            "gradient": exp.gradient,
+            **{f"version.{k}": v for k, v in library_versions().items()},
+        }
+        commit = git_commit(Path(__file__).parent)
+        if commit:
+            tags["git_commit"] = commit
+        run = client.create_run(experiment_id, tags=tags, run_name=spec.name)
+        resolved = exp.model_dump(mode="json")
+        resolved["seed"] = spec.seed
+        resolved.pop("seeds", None)
+        log_params(client, run.info.run_id, flatten_dict(resolved))
+        client.log_text(run.info.run_id, yaml.safe_dump(resolved, sort_keys=False), "config.yaml")
+        return run.info.run_id
+
+    def _finish(self, client, outcome: RunOutcome) -> None:
+        run_id = outcome.run_id
+        client.set_tag(run_id, "status", outcome.status)
+        if outcome.error:
+            client.set_tag(run_id, "error", outcome.error[:5000])
+        log_metrics(client, run_id, {"time/wall_s": outcome.wall_s}, outcome.episodes_done, int(time.time() * 1000))
+        client.set_terminated(run_id, MLFLOW_STATUS[outcome.status])
+
+    def _execute(self, ctx, client, experiment_id: str, spec: RunSpec, display: _Display) -> RunOutcome:
+        run_id = self._create_child(client, experiment_id, spec)
+        events = ctx.Queue()
+        proc = ctx.Process(
+            target=_worker,
+            args=(spec.exp.model_dump(mode="json"), spec.seed, spec.name, self.tracking_uri, run_id, events),
+            name=spec.name,
+        )
+        display.start_run(spec.name, spec.exp.training.episodes)
+        start = time.monotonic()
+        proc.start()
+        outcome = RunOutcome(spec, "FAILED", 0.0, run_id=run_id)
+        received: dict = {}
+
+        def handle(event) -> None:
+            kind = event[0]
+            if kind == "progress":
+                outcome.episodes_done = event[1]
+                display.update(spec.name, event[1], event[2], event[3])
+            else:  # "done" with the result, or "error" with the message
+                received[kind] = event[1]
+
+        deadline = start + spec.exp.timeout_s
+        try:
+            while True:
+                try:
+                    handle(events.get(timeout=min(0.2, max(0.01, deadline - time.monotonic()))))
+                    continue
+                except queue_module.Empty:
+                    pass
+                if not proc.is_alive():
+                    break
+                if time.monotonic() >= deadline:
+                    outcome.status = "TIMED_OUT"
+                    outcome.error = f"exceeded timeout_s={spec.exp.timeout_s:g} at episode {outcome.episodes_done}"
+                    _stop(proc)
+                    break
+        except KeyboardInterrupt:
+            _stop(proc)
+            self.interrupted = True
+            outcome.status = "KILLED"
+            outcome.error = f"sweep interrupted at episode {outcome.episodes_done}"
+        proc.join()
+        if outcome.status not in ("TIMED_OUT", "KILLED"):  # a killed writer may leave half a message
+            _drain(events, handle)
+        result, error = received.get("done"), received.get("error")
+        outcome.wall_s = time.monotonic() - start
+        if outcome.status not in ("TIMED_OUT", "KILLED"):
+            if result is not None and proc.exitcode == 0:
+                outcome.status = "PASSED"
+                outcome.final_avg_return = result["final_avg_return"]
+                outcome.episodes_done = result["episodes_done"]
+                outcome.grad_circuit_evals = result["grad_circuit_evals"]
+                outcome.total_circuit_evals = result["total_circuit_evals"]
+            else:
+                outcome.status = "FAILED"
+                outcome.error = error or f"worker exited with code {proc.exitcode} without a result"
+        if spec.exp.backend == "classical":
+            outcome.grad_circuit_evals = outcome.total_circuit_evals = None
+        if outcome.status != "PASSED" and outcome.run_id:
+            history = client.get_metric_history(run_id, "rollout/avg_return_10")
+            if history:
+                outcome.final_avg_return = max(history, key=lambda m: m.step).value
+        self._finish(client, outcome)
+        return outcome
+
+    def run(self) -> list[RunOutcome]:
+        from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
+        client = mlflow_client(self.tracking_uri)
+        experiment_id = get_or_create_experiment(client, self.experiment_name)
+        sweep_name = f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+        parent = client.create_run(
+            experiment_id,
+            tags={MLFLOW_RUN_NAME: sweep_name, "kind": "sweep", "config": self.cfg.source, "status": "RUNNING",
+                  **{f"version.{k}": v for k, v in library_versions().items()}},
+            run_name=sweep_name,
+        )
+        self.parent_run_id = parent.info.run_id
+        log_params(client, self.parent_run_id, {"config": self.cfg.source, "n_runs": len(self.runs)})
+        client.log_text(self.parent_run_id, yaml.safe_dump(
+            {"experiments": [e.model_dump(mode="json") for e in self.cfg.experiments]}, sort_keys=False), "sweep_config.yaml")
+        ctx = self._context()
+        display = _Display(len(self.runs), self.live)
+        outcomes: list[RunOutcome] = []
+        t0 = time.monotonic()
+        try:
+            for spec in self.runs:
+                outcome = self._execute(ctx, client, experiment_id, spec, display)
+                outcomes.append(outcome)
+                display.end_run(outcome)
+                if self.interrupted:
+                    break
+        finally:
+            display.close()
+        total_s = time.monotonic() - t0
+        self.total_s = total_s
+        rows = summary_rows(outcomes)
+        print_summary(rows, total_s)
+        skipped = len(self.runs) - len(outcomes)
+        if skipped:
+            print(f"{skipped} run(s) not started because the sweep was interrupted.")
+        counts = {s: sum(o.status == s for o in outcomes) for s in STATUSES}
+        log_metrics(client, self.parent_run_id, {"sweep/wall_s": total_s, **{f"sweep/n_{k.lower()}": v for k, v in counts.items()}, "sweep/n_not_started": skipped}, 0, int(time.time() * 1000))
+        client.log_text(self.parent_run_id, summary_markdown(rows), "summary.md")
+        client.log_text(self.parent_run_id, summary_csv(rows), "summary.csv")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "comparison.png"
+            path.write_bytes(comparison_png(client, outcomes))
+            client.log_artifact(self.parent_run_id, str(path))
+        all_passed = not self.interrupted and all(o.status == "PASSED" for o in outcomes)
+        sweep_status = "KILLED" if self.interrupted else ("PASSED" if all_passed else "FAILED")
+        client.set_tag(self.parent_run_id, "status", sweep_status)
+        client.set_terminated(self.parent_run_id, MLFLOW_STATUS[sweep_status])
+        return outcomes
+
+
+def _stop(proc) -> None:
+    """Terminate a worker, then kill it if it does not die within a second."""
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(1.0)
+    if proc.is_alive():
+        proc.kill()
+
+
+def _drain(events, handle) -> None:
+    while True:
+        try:
+            handle(events.get_nowait())
+        except (queue_module.Empty, EOFError, OSError):
+            return

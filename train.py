@@ -1,0 +1,359 @@
+"""Training loops for CartPole-v1: REINFORCE and DQN, identical for every backend and gradient method.
+
+Every update goes through :class:`GradientStep`: the algorithm supplies a *batched loss of the
+model outputs* (leading parameter-set dimensions allowed), and the step either differentiates it
+with torch autograd (backprop, adjoint, parameter-shift through the backend; parameter shift on
+TensorCircuit goes through gradients.py inside the model) or hands it to the SPSA / finite-
+difference estimators of gradients.py, which evaluate all shifted parameter sets in one batched
+call. Either way an ordinary Adam step follows.
+
+Metrics (per episode unless noted): ``rollout/episode_return``, ``rollout/avg_return_10``,
+``train/loss``, ``grad/norm``, ``grad/circuit_evals`` (circuits executed for gradients since the
+previous log), ``time/episode_s``, ``time/env_steps_per_s``; DQN adds ``train/epsilon``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+import gradients
+from config_schema import ExperimentConfig
+from models import PolicyModel, build_model
+from utils import seed_everything
+
+ENV_ID = "CartPole-v1"
+AVG_WINDOW = 10
+
+#: f(outputs (..., N, A)) -> loss (...)
+OutputLoss = Callable[[torch.Tensor], torch.Tensor]
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced NaN or infinity; the message names what and where."""
+
+
+class Reporter(Protocol):
+    def metrics(self, values: dict[str, float], step: int) -> None: ...
+
+    def progress(self, episode: int, total: int, avg_return: float) -> None: ...
+
+
+class NullReporter:
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        pass
+
+    def progress(self, episode: int, total: int, avg_return: float) -> None:
+        pass
+
+
+@dataclass
+class TrainResult:
+    episode_returns: list[float]
+    env_steps: int
+    updates: int
+    grad_circuit_evals: int
+    total_circuit_evals: int
+    wall_s: float
+    model: PolicyModel
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def final_avg_return(self) -> float:
+        tail = self.episode_returns[-AVG_WINDOW:]
+        return float(np.mean(tail)) if tail else float("nan")
+
+
+class GradientStep:
+    """One optimiser update from a batched output loss, by the experiment's gradient method."""
+
+    def __init__(self, model: PolicyModel, exp: ExperimentConfig, seed: int):
+        self.model = model
+        self.exp = exp
+        self.optimizer = torch.optim.Adam(model.param_groups(exp.training.lr))
+        self.generator = torch.Generator().manual_seed(seed + 1)
+        self.spsa_gains = gradients.SPSAGains(**exp.spsa.model_dump(exclude={"n_directions"}))
+        self.scheduler = None
+        if exp.gradient == "spsa":
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.spsa_gains.a_k)
+        self.k = 0
+
+    def __call__(self, obs: torch.Tensor, loss_of_outputs: OutputLoss, where: str) -> dict[str, float]:
+        model, exp = self.model, self.exp
+        evals_before = model.circuit_evals
+        self.optimizer.zero_grad(set_to_none=True)
+        params = list(model.parameters())
+        if exp.gradient_is_estimated:
+
+            def batched_loss(points: torch.Tensor) -> torch.Tensor:
+                return loss_of_outputs(model.functional_forward(points, obs))
+
+            if exp.gradient == "spsa":
+                estimator = lambda x: gradients.spsa(  # noqa: E731
+                    batched_loss, x, self.spsa_gains.c_k(self.k), exp.spsa.n_directions, self.generator
+                )
+            else:
+                estimator = lambda x: gradients.finite_difference(  # noqa: E731
+                    batched_loss, x, exp.finite_diff.step, exp.finite_diff.scheme
+                )
+            loss, _ = gradients.estimated_loss(params, estimator)
+        else:
+            loss = loss_of_outputs(model(obs)[None])[0]
+        if not torch.isfinite(loss):
+            raise NonFiniteError(f"non-finite loss at {where}")
+        loss.backward()
+        grads = [p.grad for p in params if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        if not torch.isfinite(grad_norm):
+            raise NonFiniteError(f"non-finite gradient at {where}")
+        if exp.training.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, exp.training.max_grad_norm)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.k += 1
+        if not all(torch.isfinite(p).all() for p in params):
+            raise NonFiniteError(f"non-finite parameter at {where}")
+        return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "circuit_evals": model.circuit_evals - evals_before}
+
+
+def _as_tensor(x: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(x), dtype=torch.float64)
+
+
+def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
+    """Returns-to-go G_t = sum_k gamma^k r_{t+k} of one episode."""
+    out = np.zeros(len(rewards), dtype=np.float64)
+    running = 0.0
+    for t in range(len(rewards) - 1, -1, -1):
+        running = rewards[t] + gamma * running
+        out[t] = running
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# REINFORCE
+
+
+def reinforce_loss(actions: torch.Tensor, returns: torch.Tensor, n_episodes: int) -> OutputLoss:
+    """-(1/E) sum_t log pi(a_t|s_t) G_t over the batch, for outputs (..., N, A) of logits."""
+    index = torch.arange(actions.shape[0])
+
+    def loss(logits: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(logits, dim=-1)[..., index, actions]
+        return -(logp * returns).sum(-1) / n_episodes
+
+    return loss
+
+
+def train_reinforce(exp: ExperimentConfig, seed: int, reporter: Reporter) -> TrainResult:
+    cfg = exp.training
+    np_rng = seed_everything(seed)
+    del np_rng  # REINFORCE draws actions from the torch generator below
+    n_envs = min(cfg.episodes_per_batch, cfg.episodes)
+    envs = gym.make_vec(ENV_ID, num_envs=n_envs, vectorization_mode="sync")
+    envs.action_space.seed(seed)
+    n_inputs = envs.single_observation_space.shape[0]
+    n_actions = int(envs.single_action_space.n)
+    model = build_model(exp, n_inputs, n_actions, seed)
+    step = GradientStep(model, exp, seed)
+    action_gen = torch.Generator().manual_seed(seed + 2)
+    returns_all: list[float] = []
+    env_steps = grad_evals = 0
+    t_start = time.perf_counter()
+    episode = 0
+    first = True
+    try:
+        while episode < cfg.episodes:
+            t_batch = time.perf_counter()
+            n_ep = min(n_envs, cfg.episodes - episode)
+            obs, _ = envs.reset(seed=seed if first else None)
+            first = False
+            active = np.zeros(n_envs, dtype=bool)
+            active[:n_ep] = True
+            trajectories: list[list[tuple[np.ndarray, int, float]]] = [[] for _ in range(n_ep)]
+            batch_steps = 0
+            while active.any():
+                idx = np.flatnonzero(active)
+                with torch.no_grad():
+                    probs = torch.softmax(model(_as_tensor(obs[idx])), dim=-1)
+                chosen = torch.multinomial(probs, 1, generator=action_gen)[:, 0].numpy()
+                actions = np.zeros(n_envs, dtype=np.int64)
+                actions[idx] = chosen
+                next_obs, reward, terminated, truncated, _ = envs.step(actions)
+                for j, e in enumerate(idx):
+                    trajectories[e].append((obs[e], int(chosen[j]), float(reward[e])))
+                batch_steps += len(idx)
+                active[idx] &= ~(terminated[idx] | truncated[idx])
+                obs = next_obs
+            states, acts, rets = [], [], []
+            for traj in trajectories:
+                rewards = np.array([r for _, _, r in traj])
+                g = discounted_returns(rewards, cfg.gamma)
+                if cfg.normalize_returns:
+                    g = (g - g.mean()) / (g.std() + 1e-8)
+                states.extend(s for s, _, _ in traj)
+                acts.extend(a for _, a, _ in traj)
+                rets.append(g)
+                returns_all.append(float(rewards.sum()))
+            obs_t = _as_tensor(np.stack(states))
+            loss_fn = reinforce_loss(torch.as_tensor(acts), _as_tensor(np.concatenate(rets)), n_ep)
+            stats = step(obs_t, loss_fn, where=f"episode {episode + n_ep}")
+            env_steps += batch_steps
+            grad_evals += stats["circuit_evals"]
+            dt = time.perf_counter() - t_batch
+            for i in range(n_ep):
+                ep = episode + i
+                avg = float(np.mean(returns_all[max(0, ep + 1 - AVG_WINDOW) : ep + 1]))
+                values = {"rollout/episode_return": returns_all[ep], "rollout/avg_return_10": avg, "time/episode_s": dt / n_ep}
+                if i == n_ep - 1:
+                    values.update(
+                        {
+                            "train/loss": stats["loss"],
+                            "grad/norm": stats["grad_norm"],
+                            "grad/circuit_evals": stats["circuit_evals"],
+                            "time/env_steps_per_s": batch_steps / dt,
+                        }
+                    )
+                reporter.metrics(values, step=ep)
+            episode += n_ep
+            reporter.progress(episode, cfg.episodes, float(np.mean(returns_all[-AVG_WINDOW:])))
+    finally:
+        envs.close()
+    return TrainResult(
+        returns_all, env_steps, step.k, grad_evals, model.circuit_evals, time.perf_counter() - t_start, model
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# DQN
+
+
+class ReplayBuffer:
+    """Fixed-size ring buffer of transitions (numpy arrays); uniform sampling from a Generator."""
+
+    def __init__(self, capacity: int, obs_dim: int):
+        self.obs = np.zeros((capacity, obs_dim), dtype=np.float64)
+        self.next_obs = np.zeros((capacity, obs_dim), dtype=np.float64)
+        self.actions = np.zeros(capacity, dtype=np.int64)
+        self.rewards = np.zeros(capacity, dtype=np.float64)
+        self.terminated = np.zeros(capacity, dtype=np.float64)
+        self.capacity = capacity
+        self.size = 0
+        self.pos = 0
+
+    def add(self, obs, action, reward, next_obs, terminated) -> None:
+        i = self.pos
+        self.obs[i], self.actions[i], self.rewards[i] = obs, action, reward
+        self.next_obs[i], self.terminated[i] = next_obs, float(terminated)
+        self.pos = (self.pos + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, batch_size: int, rng: np.random.Generator):
+        idx = rng.integers(0, self.size, size=batch_size)
+        return self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx], self.terminated[idx]
+
+
+def dqn_loss(actions: torch.Tensor, targets: torch.Tensor) -> OutputLoss:
+    """Huber loss between Q(s, a) and the fixed TD targets, for outputs (..., N, A)."""
+    index = torch.arange(actions.shape[0])
+
+    def loss(q: torch.Tensor) -> torch.Tensor:
+        chosen = q[..., index, actions]
+        return torch.nn.functional.huber_loss(chosen, targets.expand_as(chosen), reduction="none").mean(-1)
+
+    return loss
+
+
+def train_dqn(exp: ExperimentConfig, seed: int, reporter: Reporter) -> TrainResult:
+    cfg, dq = exp.training, exp.training.dqn
+    rng = seed_everything(seed)
+    env = gym.make(ENV_ID)
+    env.action_space.seed(seed)
+    n_inputs = env.observation_space.shape[0]
+    n_actions = int(env.action_space.n)
+    model = build_model(exp, n_inputs, n_actions, seed)
+    step = GradientStep(model, exp, seed)
+    target_params = model.flat_parameters()[None]
+    buffer = ReplayBuffer(dq.buffer_size, n_inputs)
+    learning_starts = dq.learning_starts or dq.batch_size
+    epsilon = dq.epsilon_start
+    returns_all: list[float] = []
+    env_steps = grad_evals = 0
+    t_start = time.perf_counter()
+    obs, _ = env.reset(seed=seed)
+    recent = deque(maxlen=AVG_WINDOW)
+    try:
+        for episode in range(cfg.episodes):
+            t_ep = time.perf_counter()
+            done = False
+            ep_return = 0.0
+            ep_steps = 0
+            losses, norms, ep_evals = [], [], 0
+            while not done:
+                if rng.random() < epsilon:
+                    action = int(rng.integers(n_actions))
+                else:
+                    with torch.no_grad():
+                        action = int(model(_as_tensor(obs[None]))[0].argmax())
+                next_obs, reward, terminated, truncated, _ = env.step(action)
+                buffer.add(obs, action, reward, next_obs, terminated)
+                obs = next_obs
+                ep_return += float(reward)
+                ep_steps += 1
+                env_steps += 1
+                done = terminated or truncated
+                if buffer.size >= learning_starts and env_steps % dq.train_every == 0:
+                    b_obs, b_act, b_rew, b_next, b_term = buffer.sample(dq.batch_size, rng)
+                    with torch.no_grad():
+                        q_next = model.functional_forward(target_params, _as_tensor(b_next))[0].max(-1).values
+                    targets = _as_tensor(b_rew) + cfg.gamma * (1.0 - _as_tensor(b_term)) * q_next
+                    stats = step(_as_tensor(b_obs), dqn_loss(torch.as_tensor(b_act), targets), where=f"episode {episode}")
+                    losses.append(stats["loss"])
+                    norms.append(stats["grad_norm"])
+                    ep_evals += stats["circuit_evals"]
+                if dq.target_update_unit == "steps" and env_steps % dq.target_update_every == 0:
+                    target_params = model.flat_parameters()[None]
+            obs, _ = env.reset()
+            if dq.target_update_unit == "episodes" and (episode + 1) % dq.target_update_every == 0:
+                target_params = model.flat_parameters()[None]
+            grad_evals += ep_evals
+            returns_all.append(ep_return)
+            recent.append(ep_return)
+            dt = time.perf_counter() - t_ep
+            values = {
+                "rollout/episode_return": ep_return,
+                "rollout/avg_return_10": float(np.mean(recent)),
+                "train/epsilon": epsilon,
+                "grad/circuit_evals": ep_evals,
+                "time/episode_s": dt,
+                "time/env_steps_per_s": ep_steps / dt,
+            }
+            if losses:
+                values["train/loss"] = float(np.mean(losses))
+                values["grad/norm"] = float(np.mean(norms))
+            reporter.metrics(values, step=episode)
+            reporter.progress(episode + 1, cfg.episodes, float(np.mean(recent)))
+            epsilon = max(dq.epsilon_end, epsilon * dq.epsilon_decay)
+    finally:
+        env.close()
+    return TrainResult(
+        returns_all, env_steps, step.k, grad_evals, model.circuit_evals, time.perf_counter() - t_start, model
+    )
+
+
+ALGORITHMS: dict[str, Callable[[ExperimentConfig, int, Reporter], TrainResult]] = {
+    "reinforce": train_reinforce,
+    "dqn": train_dqn,
+}
+
+
+def train(exp: ExperimentConfig, seed: int, reporter: Reporter | None = None) -> TrainResult:
+    """Train one experiment with one seed; ``reporter`` receives metrics and progress."""
+    return ALGORITHMS[exp.algorithm](exp, seed, reporter or NullReporter())
