@@ -1,0 +1,115 @@
+"""The shared circuit on both backends: shapes, initialisation, parity of outputs and gradients."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import experiment
+from models import CircuitSpec, build_model, circuit_spec, default_observables, parse_observable, pennylane_device_for
+
+OBS = torch.tensor([[0.02, 0.3, -0.04, -0.5], [1.5, -1.0, 0.18, 2.0], [-0.7, 0.1, 0.0, 0.9]])
+
+
+def reference_model(**model):
+    return experiment(backend="tensorcircuit", gradient="backprop", algorithm="reinforce", model=model)
+
+
+def test_reference_circuit_has_94_parameters():
+    model = build_model(reference_model(n_qubits=4, n_layers=5), 4, 2, seed=0)
+    assert sum(p.numel() for p in model.parameters()) == 94
+    assert model.theta.shape == (6, 4, 3) and model.input_scaling.shape == (5, 4)
+    assert torch.equal(model.input_scaling, torch.ones(5, 4)) and torch.equal(model.output_weights, torch.ones(2))
+    assert 0 <= model.theta.min() and model.theta.max() <= math.pi
+
+
+def test_circuit_layout():
+    spec = CircuitSpec(2, 1, 4, ((1.0, (0, 1)), (-1.0, (0, 1))))
+    kinds = [k for k, _, _ in spec.gates()]
+    # layer: 6 rotations, 1 CZ (ring of 2), 4 encodings (features 0..3 on qubits 0,1,0,1); final 6 rotations
+    assert kinds == ["rx", "ry", "rz"] * 2 + ["cz"] + ["rx"] * 4 + ["rx", "ry", "rz"] * 2
+    assert spec.n_gate_angles == 2 * 2 * 3 + 4
+    assert [spec.encoding_qubit(k) for k in range(4)] == [0, 1, 0, 1]
+    assert spec.observables == ((0, 1),) and spec.readout_sign == [1.0, -1.0]
+    assert CircuitSpec(5, 1, 4, ()).ring == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 0)]
+
+
+def test_default_observables():
+    assert default_observables("reinforce", 4) == ["Z0Z1Z2Z3", "-Z0Z1Z2Z3"]
+    assert default_observables("dqn", 4) == ["Z0Z1", "Z2Z3"]
+    assert parse_observable("-Z2Z10") == (-1.0, (2, 10))
+
+
+@pytest.mark.parametrize("algorithm", ["reinforce", "dqn"])
+def test_same_seed_same_initial_weights_on_both_backends(algorithm):
+    a = build_model(experiment(backend="pennylane", gradient="backprop", algorithm=algorithm), 4, 2, seed=11)
+    b = build_model(experiment(backend="tensorcircuit", gradient="backprop", algorithm=algorithm), 4, 2, seed=11)
+    c = build_model(experiment(backend="tensorcircuit", gradient="backprop", algorithm=algorithm), 4, 2, seed=12)
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert na == nb and torch.equal(pa, pb)
+    assert not torch.equal(a.theta, c.theta)
+
+
+@pytest.mark.parametrize("algorithm,n_qubits,n_layers", [("reinforce", 4, 3), ("dqn", 4, 2), ("reinforce", 2, 2), ("dqn", 5, 1)])
+def test_pennylane_and_tensorcircuit_agree(algorithm, n_qubits, n_layers):
+    outs, grads = [], []
+    for backend, extra in [("pennylane", {}), ("tensorcircuit", {}), ("tensorcircuit", {"tensorcircuit": {"math_backend": "pytorch"}})]:
+        exp = experiment(backend=backend, gradient="backprop", algorithm=algorithm,
+                         model={"n_qubits": n_qubits, "n_layers": n_layers}, **extra)
+        model = build_model(exp, 4, 2, seed=5)
+        out = model(OBS)
+        assert out.dtype == torch.float64 and out.shape == (3, 2)
+        outs.append(out.detach())
+        grads.append(torch.autograd.grad((out * torch.tensor([1.0, -2.0])).sum(), list(model.parameters())))
+    for out, grad in zip(outs[1:], grads[1:]):
+        assert torch.allclose(out, outs[0], atol=1e-6, rtol=0)
+        for g, g0 in zip(grad, grads[0]):
+            assert torch.allclose(g, g0, atol=1e-6, rtol=0)
+
+
+def test_single_qubit_circuit_matches_closed_form():
+    """1 qubit, 1 layer, zero angles: <Z> = cos(lambda * s0) cos(lambda * s1) ... for Rx encodings."""
+    exp = experiment(backend="pennylane", gradient="backprop", algorithm="reinforce",
+                     model={"n_qubits": 1, "n_layers": 1, "init": "zeros"})
+    model = build_model(exp, 4, 2, seed=0)
+    out = model(OBS).detach()
+    s = OBS / torch.tensor([2.4, 2.5, 0.21, 2.5])
+    z = torch.cos(s.sum(1))  # Rx angles on one qubit add up
+    assert torch.allclose(out[:, 0], z, atol=1e-12) and torch.allclose(out[:, 1], -z, atol=1e-12)
+
+
+def test_functional_forward_matches_forward_for_every_backend():
+    for backend in ("classical", "pennylane", "tensorcircuit"):
+        exp = experiment(backend=backend, gradient="spsa", algorithm="dqn", model={"n_qubits": 2, "n_layers": 1, "hidden_sizes": [8]})
+        model = build_model(exp, 4, 2, seed=1)
+        flat = model.flat_parameters()
+        batch = torch.stack([flat, flat + 0.1])
+        out = model.functional_forward(batch, OBS)
+        assert out.shape == (2, 3, 2)
+        assert torch.allclose(out[0], model(OBS).detach(), atol=1e-12)
+        assert not torch.allclose(out[1], out[0])
+
+
+def test_tensorcircuit_pads_batches_to_few_shapes():
+    exp = experiment(backend="tensorcircuit", gradient="backprop", model={"n_qubits": 2, "n_layers": 1})
+    model = build_model(exp, 4, 2, seed=0)
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 4, 5, 7, 8, 100):
+        model(torch.as_tensor(rng.normal(size=(n, 4))))
+    assert model.circuit.compiled_shapes == {1, 4, 8, 128}
+    assert model.circuit_evals == 1 + 3 + 4 + 5 + 7 + 8 + 100  # padding is not counted
+
+
+def test_pennylane_device_choice():
+    assert pennylane_device_for("adjoint", "auto") == "lightning.qubit"
+    assert pennylane_device_for("backprop", "auto") == "default.qubit"
+    assert pennylane_device_for("adjoint", "default.qubit") == "default.qubit"
+    model = build_model(experiment(backend="pennylane", gradient="adjoint"), 4, 2, seed=0)
+    assert model.circuit.device_name == "lightning.qubit" and model.circuit.diff_method == "adjoint"
+
+
+def test_circuit_spec_rejects_wrong_observable_count():
+    exp = experiment(backend="pennylane", gradient="backprop", model={"observables": ["Z0", "Z1"]})
+    with pytest.raises(ValueError, match="observables"):
+        circuit_spec(exp, 4, 3)
