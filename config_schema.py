@@ -120,6 +120,8 @@ class TrainingConfig(_Strict):
     """Clip the total gradient norm (unset: no clipping)."""
     normalize_returns: bool = True
     """REINFORCE: standardise the returns-to-go of each episode."""
+    stop_avg_return: float | None = None
+    """Stop early once the mean return of the last 10 episodes reaches this (500 = CartPole-v1 maximum)."""
     dqn: DQNConfig = DQNConfig()
 
 

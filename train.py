@@ -137,6 +137,10 @@ def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
     return out
 
 
+def _solved(returns: list[float], threshold: float | None) -> bool:
+    return threshold is not None and len(returns) >= AVG_WINDOW and float(np.mean(returns[-AVG_WINDOW:])) >= threshold
+
+
 # ---------------------------------------------------------------------------------------------
 # REINFORCE
 
@@ -224,6 +228,8 @@ def train_reinforce(exp: ExperimentConfig, seed: int, reporter: Reporter) -> Tra
                 reporter.metrics(values, step=ep)
             episode += n_ep
             reporter.progress(episode, cfg.episodes, float(np.mean(returns_all[-AVG_WINDOW:])))
+            if _solved(returns_all, cfg.stop_avg_return):
+                break
     finally:
         envs.close()
     return TrainResult(
@@ -341,6 +347,8 @@ def train_dqn(exp: ExperimentConfig, seed: int, reporter: Reporter) -> TrainResu
             reporter.metrics(values, step=episode)
             reporter.progress(episode + 1, cfg.episodes, float(np.mean(recent)))
             epsilon = max(dq.epsilon_end, epsilon * dq.epsilon_decay)
+            if _solved(returns_all, cfg.stop_avg_return):
+                break
     finally:
         env.close()
     return TrainResult(
