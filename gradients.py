@@ -49,7 +49,7 @@ def finite_difference(f: BatchedLoss, x: torch.Tensor, step: float = 1e-4, schem
         raise ValueError(f"finite-difference step must be positive, got {step}")
     x = x.detach().to(torch.float64)
     n = x.numel()
-    eye = torch.eye(n, dtype=torch.float64) * step
+    eye = torch.eye(n, dtype=torch.float64, device=x.device) * step
     if scheme == "central":
         points = torch.cat([x[None], x + eye, x - eye])
         values = f(points).to(torch.float64)
@@ -120,7 +120,7 @@ def spsa(
     quadratic. Cost: 2m + 1 points, independent of the number of parameters.
     """
     x = x.detach().to(torch.float64)
-    d = sampler(n_directions, x.numel(), generator).to(torch.float64)
+    d = sampler(n_directions, x.numel(), generator).to(device=x.device, dtype=torch.float64)
     points = torch.cat([x[None], x + c * d, x - c * d])
     values = f(points).to(torch.float64)
     m = d.shape[0]
@@ -170,7 +170,7 @@ class _ParameterShift(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         (angles,) = ctx.saved_tensors
         n, g = angles.shape
-        shift = torch.eye(g, dtype=angles.dtype) * (math.pi / 2)
+        shift = torch.eye(g, dtype=angles.dtype, device=angles.device) * (math.pi / 2)
         # (2G, N, G): every angle shifted by +pi/2 then by -pi/2, for every row at once.
         shifted = torch.cat([angles[None] + shift[:, None, :], angles[None] - shift[:, None, :]])
         values = ctx.evaluate(shifted.reshape(2 * g * n, g)).reshape(2, g, n, -1)

@@ -82,6 +82,10 @@ class _WorkerReporter:
     def metrics(self, values: dict[str, float], step: int) -> None:
         log_metrics(self.client, self.run_id, values, step, int(time.time() * 1000))
 
+    def tags(self, values: dict[str, str]) -> None:
+        for key, value in values.items():
+            self.client.set_tag(self.run_id, key, value)
+
     def progress(self, episode: int, total: int, avg_return: float) -> None:
         self.events.put(("progress", episode, total, avg_return))
         _maybe_inject_fault(self.run_name, episode)

@@ -26,7 +26,7 @@ import torch
 import gradients
 from config_schema import ExperimentConfig
 from models import PolicyModel, build_model
-from utils import seed_everything
+from utils import seed_everything, select_device, simulation_device
 
 ENV_ID = "CartPole-v1"
 AVG_WINDOW = 10
@@ -42,11 +42,16 @@ class NonFiniteError(FloatingPointError):
 class Reporter(Protocol):
     def metrics(self, values: dict[str, float], step: int) -> None: ...
 
+    def tags(self, values: dict[str, str]) -> None: ...
+
     def progress(self, episode: int, total: int, avg_return: float) -> None: ...
 
 
 class NullReporter:
     def metrics(self, values: dict[str, float], step: int) -> None:
+        pass
+
+    def tags(self, values: dict[str, str]) -> None:
         pass
 
     def progress(self, episode: int, total: int, avg_return: float) -> None:
@@ -123,8 +128,17 @@ class GradientStep:
         return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "circuit_evals": model.circuit_evals - evals_before}
 
 
-def _as_tensor(x: np.ndarray) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(x), dtype=torch.float64)
+def _as_tensor(x: np.ndarray, device: str = "cpu") -> torch.Tensor:
+    return torch.as_tensor(np.asarray(x), dtype=torch.float64, device=device)
+
+
+def _place(model: PolicyModel, exp: ExperimentConfig, reporter: Reporter) -> str:
+    """Move the model to the experiment's device (or the CPU where its simulator cannot go)."""
+    requested = select_device(exp.device)
+    device, note = simulation_device(exp.backend, requested, exp.tensorcircuit.math_backend)
+    model.to(device)
+    reporter.tags({"device": device, **({"device_note": note} if note else {})})
+    return device
 
 
 def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
@@ -147,7 +161,7 @@ def _solved(returns: list[float], threshold: float | None) -> bool:
 
 def reinforce_loss(actions: torch.Tensor, returns: torch.Tensor, n_episodes: int) -> OutputLoss:
     """-(1/E) sum_t log pi(a_t|s_t) G_t over the batch, for outputs (..., N, A) of logits."""
-    index = torch.arange(actions.shape[0])
+    index = torch.arange(actions.shape[0], device=actions.device)
 
     def loss(logits: torch.Tensor) -> torch.Tensor:
         logp = torch.log_softmax(logits, dim=-1)[..., index, actions]
@@ -166,6 +180,7 @@ def train_reinforce(exp: ExperimentConfig, seed: int, reporter: Reporter) -> Tra
     n_inputs = envs.single_observation_space.shape[0]
     n_actions = int(envs.single_action_space.n)
     model = build_model(exp, n_inputs, n_actions, seed)
+    device = _place(model, exp, reporter)
     step = GradientStep(model, exp, seed)
     action_gen = torch.Generator().manual_seed(seed + 2)
     returns_all: list[float] = []
@@ -186,7 +201,7 @@ def train_reinforce(exp: ExperimentConfig, seed: int, reporter: Reporter) -> Tra
             while active.any():
                 idx = np.flatnonzero(active)
                 with torch.no_grad():
-                    probs = torch.softmax(model(_as_tensor(obs[idx])), dim=-1)
+                    probs = torch.softmax(model(_as_tensor(obs[idx], device)), dim=-1).cpu()
                 chosen = torch.multinomial(probs, 1, generator=action_gen)[:, 0].numpy()
                 actions = np.zeros(n_envs, dtype=np.int64)
                 actions[idx] = chosen
@@ -206,8 +221,8 @@ def train_reinforce(exp: ExperimentConfig, seed: int, reporter: Reporter) -> Tra
                 acts.extend(a for _, a, _ in traj)
                 rets.append(g)
                 returns_all.append(float(rewards.sum()))
-            obs_t = _as_tensor(np.stack(states))
-            loss_fn = reinforce_loss(torch.as_tensor(acts), _as_tensor(np.concatenate(rets)), n_ep)
+            obs_t = _as_tensor(np.stack(states), device)
+            loss_fn = reinforce_loss(torch.as_tensor(acts, device=device), _as_tensor(np.concatenate(rets), device), n_ep)
             stats = step(obs_t, loss_fn, where=f"episode {episode + n_ep}")
             env_steps += batch_steps
             grad_evals += stats["circuit_evals"]
@@ -268,7 +283,7 @@ class ReplayBuffer:
 
 def dqn_loss(actions: torch.Tensor, targets: torch.Tensor) -> OutputLoss:
     """Huber loss between Q(s, a) and the fixed TD targets, for outputs (..., N, A)."""
-    index = torch.arange(actions.shape[0])
+    index = torch.arange(actions.shape[0], device=actions.device)
 
     def loss(q: torch.Tensor) -> torch.Tensor:
         chosen = q[..., index, actions]
@@ -285,6 +300,7 @@ def train_dqn(exp: ExperimentConfig, seed: int, reporter: Reporter) -> TrainResu
     n_inputs = env.observation_space.shape[0]
     n_actions = int(env.action_space.n)
     model = build_model(exp, n_inputs, n_actions, seed)
+    device = _place(model, exp, reporter)
     step = GradientStep(model, exp, seed)
     target_params = model.flat_parameters()[None]
     buffer = ReplayBuffer(dq.buffer_size, n_inputs)
@@ -307,7 +323,7 @@ def train_dqn(exp: ExperimentConfig, seed: int, reporter: Reporter) -> TrainResu
                     action = int(rng.integers(n_actions))
                 else:
                     with torch.no_grad():
-                        action = int(model(_as_tensor(obs[None]))[0].argmax())
+                        action = int(model(_as_tensor(obs[None], device))[0].argmax())
                 next_obs, reward, terminated, truncated, _ = env.step(action)
                 buffer.add(obs, action, reward, next_obs, terminated)
                 obs = next_obs
@@ -318,9 +334,10 @@ def train_dqn(exp: ExperimentConfig, seed: int, reporter: Reporter) -> TrainResu
                 if buffer.size >= learning_starts and env_steps % dq.train_every == 0:
                     b_obs, b_act, b_rew, b_next, b_term = buffer.sample(dq.batch_size, rng)
                     with torch.no_grad():
-                        q_next = model.functional_forward(target_params, _as_tensor(b_next))[0].max(-1).values
-                    targets = _as_tensor(b_rew) + cfg.gamma * (1.0 - _as_tensor(b_term)) * q_next
-                    stats = step(_as_tensor(b_obs), dqn_loss(torch.as_tensor(b_act), targets), where=f"episode {episode}")
+                        q_next = model.functional_forward(target_params, _as_tensor(b_next, device))[0].max(-1).values
+                    targets = _as_tensor(b_rew, device) + cfg.gamma * (1.0 - _as_tensor(b_term, device)) * q_next
+                    loss_fn = dqn_loss(torch.as_tensor(b_act, device=device), targets)
+                    stats = step(_as_tensor(b_obs, device), loss_fn, where=f"episode {episode}")
                     losses.append(stats["loss"])
                     norms.append(stats["grad_norm"])
                     ep_evals += stats["circuit_evals"]

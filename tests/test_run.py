@@ -57,6 +57,7 @@ def test_sweep_of_every_backend_and_gradient_pair(tmp_path):
         for key in ("task", "algorithm", "backend", "gradient", "version.torch", "version.pennylane",
                     "version.tensorcircuit-ng", "version.gymnasium", "version.mlflow"):
             assert key in tags
+        assert tags["device"] == "cpu"  # auto -> cpu on a machine without cuda or mps
         assert params["training.episodes"] == "2" and params["backend"] == tags["backend"]
         assert "model.n_qubits" in params and "spsa.c" in params and "seed" in params
         for key in ("rollout/episode_return", "rollout/avg_return_10", "train/loss", "grad/norm", "grad/circuit_evals",
