@@ -16,8 +16,8 @@ for circuits whose parameters enter as rotation angles.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -455,14 +455,14 @@ class Sweep:
         finally:
             display.close()
         total_s = time.monotonic() - t0
-        self.total_s = total_s
         rows = summary_rows(outcomes)
         print_summary(rows, total_s)
         skipped = len(self.runs) - len(outcomes)
         if skipped:
             print(f"{skipped} run(s) not started because the sweep was interrupted.")
         counts = {s: sum(o.status == s for o in outcomes) for s in STATUSES}
-        log_metrics(client, self.parent_run_id, {"sweep/wall_s": total_s, **{f"sweep/n_{k.lower()}": v for k, v in counts.items()}, "sweep/n_not_started": skipped}, 0, int(time.time() * 1000))
+        sweep_metrics = {"sweep/wall_s": total_s, "sweep/n_not_started": skipped, **{f"sweep/n_{k.lower()}": v for k, v in counts.items()}}
+        log_metrics(client, self.parent_run_id, sweep_metrics, 0, int(time.time() * 1000))
         client.log_text(self.parent_run_id, summary_markdown(rows), "summary.md")
         client.log_text(self.parent_run_id, summary_csv(rows), "summary.csv")
         with tempfile.TemporaryDirectory() as tmp:

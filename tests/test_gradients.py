@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from conftest import experiment
 
 import gradients
-from conftest import experiment
 from models import build_model
 
 torch.set_default_dtype(torch.float64)

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import experiment
+
 from models import CircuitSpec, build_model, circuit_spec, default_observables, parse_observable, pennylane_device_for
 
 OBS = torch.tensor([[0.02, 0.3, -0.04, -0.5], [1.5, -1.0, 0.18, 2.0], [-0.7, 0.1, 0.0, 0.9]])

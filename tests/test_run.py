@@ -8,9 +8,8 @@ import time
 
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
-
 from conftest import ROOT
+from mlflow.tracking import MlflowClient
 
 PAIRS = [("classical", "backprop"), ("classical", "spsa"), ("classical", "finite-diff"),
          ("pennylane", "backprop"), ("pennylane", "adjoint"), ("pennylane", "parameter-shift"),

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import experiment
+
 from train import ReplayBuffer, discounted_returns, dqn_loss, reinforce_loss, train
 
 TINY = {"model": {"n_qubits": 2, "n_layers": 1, "hidden_sizes": [8]},
