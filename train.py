@@ -173,8 +173,7 @@ def reinforce_loss(actions: torch.Tensor, returns: torch.Tensor, n_episodes: int
 
 def train_reinforce(exp: ExperimentConfig, seed: int, reporter: Reporter) -> TrainResult:
     cfg = exp.training
-    np_rng = seed_everything(seed)
-    del np_rng  # REINFORCE draws actions from the torch generator below
+    seed_everything(seed)  # REINFORCE draws its actions from the explicit torch generator below
     n_envs = min(cfg.episodes_per_batch, cfg.episodes)
     envs = gym.make_vec(ENV_ID, num_envs=n_envs, vectorization_mode="sync")
     envs.action_space.seed(seed)
