@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from config_schema import ExperimentConfig
+from gradients import parameter_shift_expvals
 
 #: CartPole-v1 observation bounds used to normalise inputs (TFQ tutorial): x, x_dot, theta, theta_dot.
 CARTPOLE_INPUT_SCALE = (2.4, 2.5, 0.21, 2.5)
@@ -147,6 +148,11 @@ class CircuitBackend:
     def __init__(self, spec: CircuitSpec):
         self.spec = spec
         self.circuit_evals = 0
+
+    @property
+    def n_compiles(self) -> int | None:
+        """Distinct compiled batch shapes (None for backends that do not compile)."""
+        return None
 
     def __call__(self, gate_angles: torch.Tensor) -> torch.Tensor:
         if gate_angles.ndim != 2 or gate_angles.shape[1] != self.spec.n_gate_angles:
@@ -269,8 +275,8 @@ class TensorCircuitCircuit(CircuitBackend):
             raise ValueError(f"tensorcircuit math backend {math_backend!r}; allowed: jax, pytorch")
 
     @property
-    def n_compiles(self) -> int:
-        return len(self.compiled_shapes)
+    def n_compiles(self) -> int | None:
+        return len(self.compiled_shapes) if self.math_backend == "jax" else None
 
     def _evaluate(self, gate_angles: torch.Tensor) -> torch.Tensor:
         if self.math_backend == "pytorch":
@@ -298,9 +304,11 @@ class ParameterShiftCircuit(CircuitBackend):
     def circuit_evals(self) -> int:  # type: ignore[override]
         return self.inner.circuit_evals
 
-    def __call__(self, gate_angles: torch.Tensor) -> torch.Tensor:
-        from gradients import parameter_shift_expvals
+    @property
+    def n_compiles(self) -> int | None:
+        return self.inner.n_compiles
 
+    def __call__(self, gate_angles: torch.Tensor) -> torch.Tensor:
         def evaluate(angles: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 return self.inner(angles)
@@ -339,6 +347,10 @@ class PolicyModel(nn.Module):
     @property
     def circuit_evals(self) -> int:
         return 0
+
+    @property
+    def n_compiles(self) -> int | None:
+        return None
 
     def param_groups(self, lr) -> list[dict]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -414,6 +426,10 @@ class ReUploadingPQC(PolicyModel):
     @property
     def circuit_evals(self) -> int:
         return self.circuit.circuit_evals
+
+    @property
+    def n_compiles(self) -> int | None:
+        return self.circuit.n_compiles
 
     def gate_angles(self, theta: torch.Tensor, input_scaling: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
         """Per-circuit gate angles ``(M*B, G)`` for ``M`` parameter sets and ``B`` observations."""

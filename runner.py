@@ -77,10 +77,11 @@ class _WorkerReporter:
     """Logs metrics straight to the run (nothing is lost if the process is killed) and sends progress."""
 
     def __init__(self, client, run_id: str, run_name: str, events):
-        self.client, self.run_id, self.run_name, self.events = client, run_id, run_name, events
+        self.client, self.run_id, self.events = client, run_id, events
+        self.fault = _injected_fault(run_name)
 
     def metrics(self, values: dict[str, float], step: int) -> None:
-        log_metrics(self.client, self.run_id, values, step, int(time.time() * 1000))
+        log_metrics(self.client, self.run_id, values, step)
 
     def tags(self, values: dict[str, str]) -> None:
         for key, value in values.items():
@@ -88,25 +89,36 @@ class _WorkerReporter:
 
     def progress(self, episode: int, total: int, avg_return: float) -> None:
         self.events.put(("progress", episode, total, avg_return))
-        _maybe_inject_fault(self.run_name, episode)
+        if self.fault is not None and episode >= 1:
+            self.fault(episode)
 
 
-def _maybe_inject_fault(run_name: str, episode: int) -> None:
+def _injected_fault(run_name: str):
+    """The fault ``$QMLBENCH_INJECT_FAULT`` asks for in this run, as a callable, or None."""
     for item in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
         name, _, kind = item.partition(":")
-        if name != run_name or episode < 1:
+        if name != run_name:
             continue
         if kind == "hang":
-            import ctypes
 
-            libc = ctypes.CDLL(None)
-            while True:  # pause() returns only when a handled signal arrives
-                libc.pause()
+            def hang(episode: int):
+                import ctypes
+
+                libc = ctypes.CDLL(None)
+                while True:  # pause() returns only when a handled signal arrives
+                    libc.pause()
+
+            return hang
         if kind == "raise":
-            raise RuntimeError(f"injected failure in {run_name} at episode {episode}")
+
+            def fail(episode: int):
+                raise RuntimeError(f"injected failure in {run_name} at episode {episode}")
+
+            return fail
+    return None
 
 
-def _learning_curve_png(returns: list[float], title: str) -> bytes:
+def _learning_curve_figure(returns: list[float], title: str):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,10 +133,14 @@ def _learning_curve_png(returns: list[float], title: str) -> bytes:
     ax.set(xlabel="episode", ylabel="return", title=title)
     ax.legend(loc="upper left")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    return fig
+
+
+def _log_figure(client, run_id: str, fig, artifact_file: str) -> None:
+    import matplotlib.pyplot as plt
+
+    client.log_figure(run_id, fig, artifact_file, save_kwargs={"dpi": 110})
     plt.close(fig)
-    return buf.getvalue()
 
 
 def _worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_id: str, events) -> None:
@@ -147,17 +163,14 @@ def _worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_id:
             "final/total_circuit_evals": result.total_circuit_evals,
             "final/train_s": result.wall_s,
         }
-        circuit = getattr(result.model, "circuit", None)
-        if circuit is not None and hasattr(getattr(circuit, "inner", circuit), "n_compiles"):
-            final["time/n_compiles"] = getattr(circuit, "inner", circuit).n_compiles
-        log_metrics(client, run_id, final, len(result.episode_returns), int(time.time() * 1000))
+        if result.model.n_compiles is not None:
+            final["time/n_compiles"] = result.model.n_compiles
+        log_metrics(client, run_id, final, len(result.episode_returns))
         with tempfile.TemporaryDirectory() as tmp:
             weights = Path(tmp) / "weights.pt"
             torch.save({k: v.cpu() for k, v in result.model.state_dict().items()}, weights)
             client.log_artifact(run_id, str(weights), "model")
-            curve = Path(tmp) / "learning_curve.png"
-            curve.write_bytes(_learning_curve_png(result.episode_returns, run_name))
-            client.log_artifact(run_id, str(curve))
+        _log_figure(client, run_id, _learning_curve_figure(result.episode_returns, run_name), "learning_curve.png")
         events.put(("done", {
             "final_avg_return": result.final_avg_return,
             "episodes_done": len(result.episode_returns),
@@ -276,7 +289,7 @@ def print_summary(rows: list[dict], total_s: float) -> None:
     console.print(table)
 
 
-def comparison_png(client, outcomes: list[RunOutcome]) -> bytes:
+def comparison_figure(client, outcomes: list[RunOutcome]):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -299,10 +312,7 @@ def comparison_png(client, outcomes: list[RunOutcome]) -> bytes:
     ax2.tick_params(axis="y", labelsize=7)
     ax2.set(xlabel="wall time (s)", title="Wall time per run (colour = status)")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,6 +328,11 @@ class Sweep:
         self.runs = expand(cfg)
         self.interrupted = False
         self.parent_run_id: str | None = None
+        #: Tags shared by the parent and every child run, computed once per sweep.
+        self.environment_tags = {f"version.{k}": v for k, v in library_versions().items()}
+        commit = git_commit(Path(__file__).parent)
+        if commit:
+            self.environment_tags["git_commit"] = commit
 
     def _context(self):
         ctx = mp.get_context("forkserver")
@@ -338,11 +353,8 @@ class Sweep:
             "algorithm": exp.algorithm,
             "backend": exp.backend,
             "gradient": exp.gradient,
-            **{f"version.{k}": v for k, v in library_versions().items()},
+            **self.environment_tags,
         }
-        commit = git_commit(Path(__file__).parent)
-        if commit:
-            tags["git_commit"] = commit
         run = client.create_run(experiment_id, tags=tags, run_name=spec.name)
         resolved = exp.model_dump(mode="json")
         resolved["seed"] = spec.seed
@@ -356,7 +368,7 @@ class Sweep:
         client.set_tag(run_id, "status", outcome.status)
         if outcome.error:
             client.set_tag(run_id, "error", outcome.error[:5000])
-        log_metrics(client, run_id, {"time/wall_s": outcome.wall_s}, outcome.episodes_done, int(time.time() * 1000))
+        log_metrics(client, run_id, {"time/wall_s": outcome.wall_s}, outcome.episodes_done)
         client.set_terminated(run_id, MLFLOW_STATUS[outcome.status])
 
     def _execute(self, ctx, client, experiment_id: str, spec: RunSpec, display: _Display) -> RunOutcome:
@@ -402,11 +414,10 @@ class Sweep:
             outcome.status = "KILLED"
             outcome.error = f"sweep interrupted at episode {outcome.episodes_done}"
         proc.join()
-        if outcome.status not in ("TIMED_OUT", "KILLED"):  # a killed writer may leave half a message
-            _drain(events, handle)
-        result, error = received.get("done"), received.get("error")
         outcome.wall_s = time.monotonic() - start
-        if outcome.status not in ("TIMED_OUT", "KILLED"):
+        if outcome.status not in ("TIMED_OUT", "KILLED"):  # the worker ended on its own
+            _drain(events, handle)  # (a killed writer may have left half a message: not read then)
+            result, error = received.get("done"), received.get("error")
             if result is not None and proc.exitcode == 0:
                 outcome.status = "PASSED"
                 outcome.final_avg_return = result["final_avg_return"]
@@ -434,7 +445,7 @@ class Sweep:
         parent = client.create_run(
             experiment_id,
             tags={MLFLOW_RUN_NAME: sweep_name, "kind": "sweep", "config": self.cfg.source, "status": "RUNNING",
-                  **{f"version.{k}": v for k, v in library_versions().items()}},
+                  **self.environment_tags},
             run_name=sweep_name,
         )
         self.parent_run_id = parent.info.run_id
@@ -462,13 +473,10 @@ class Sweep:
             print(f"{skipped} run(s) not started because the sweep was interrupted.")
         counts = {s: sum(o.status == s for o in outcomes) for s in STATUSES}
         sweep_metrics = {"sweep/wall_s": total_s, "sweep/n_not_started": skipped, **{f"sweep/n_{k.lower()}": v for k, v in counts.items()}}
-        log_metrics(client, self.parent_run_id, sweep_metrics, 0, int(time.time() * 1000))
+        log_metrics(client, self.parent_run_id, sweep_metrics, 0)
         client.log_text(self.parent_run_id, summary_markdown(rows), "summary.md")
         client.log_text(self.parent_run_id, summary_csv(rows), "summary.csv")
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "comparison.png"
-            path.write_bytes(comparison_png(client, outcomes))
-            client.log_artifact(self.parent_run_id, str(path))
+        _log_figure(client, self.parent_run_id, comparison_figure(client, outcomes), "comparison.png")
         all_passed = not self.interrupted and all(o.status == "PASSED" for o in outcomes)
         sweep_status = "KILLED" if self.interrupted else ("PASSED" if all_passed else "FAILED")
         client.set_tag(self.parent_run_id, "status", sweep_status)

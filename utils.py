@@ -177,9 +177,13 @@ def log_params(client, run_id: str, params: dict[str, Any]) -> None:
         client.log_batch(run_id, params=items[i : i + 100], synchronous=True)
 
 
-def log_metrics(client, run_id: str, metrics: dict[str, float], step: int, timestamp_ms: int) -> None:
+def log_metrics(client, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """Log finite metrics at ``step`` in one synchronous batch (None and NaN are skipped)."""
+    import time
+
     from mlflow.entities import Metric
 
-    items = [Metric(k, float(v), timestamp_ms, step) for k, v in metrics.items() if v is not None and np.isfinite(v)]
+    now_ms = int(time.time() * 1000)
+    items = [Metric(k, float(v), now_ms, step) for k, v in metrics.items() if v is not None and np.isfinite(v)]
     if items:
         client.log_batch(run_id, metrics=items, synchronous=True)

@@ -6,8 +6,6 @@ os.environ["OMP_NUM_THREADS"] = "1"
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import pytest  # noqa: E402
-
 from config_schema import load_config  # noqa: E402
 
 
@@ -16,7 +14,3 @@ def experiment(**fields):
     fields.setdefault("name", "t")
     return load_config(raw={"experiments": [fields]}).experiments[0]
 
-
-@pytest.fixture
-def make_experiment():
-    return experiment
