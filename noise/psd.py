@@ -1,0 +1,233 @@
+"""Noise power spectral densities, noise parameters of one task, and task distributions.
+
+Units follow DESIGN.md section 6: time in units of the gate duration T = 1, angular frequencies
+omega in 1/T, PSD values in 1/T (a two-sided PSD S(omega) = int <xi(t) xi(0)> e^{-i omega t} dt of a
+classical noise xi(t) in 1/T, coupled as H_noise = (xi(t)/2) sigma_z).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: Model encodings used in task feature vectors.
+MODEL_ENCODING = {"one_over_f": 0, "lorentzian": 1, "double_exp": 2}
+MODEL_TYPES = tuple(MODEL_ENCODING)
+
+
+def one_over_f(omega, A, alpha, omega_c):
+    """S(omega) = A / (|omega|^alpha + omega_c^alpha): 1/f^alpha noise, flat below the corner omega_c.
+
+    A in 1/T^(1+alpha) (so S is in 1/T), omega and omega_c in 1/T, alpha dimensionless.
+    """
+    return A / (np.abs(omega) ** alpha + omega_c**alpha)
+
+
+def lorentzian(omega, A, omega_c):
+    """S(omega) = A / (omega^2 + omega_c^2): Ornstein-Uhlenbeck noise with correlation rate omega_c.
+
+    Its correlation function is <xi(t) xi(0)> = A/(2 omega_c) exp(-omega_c |t|). A in 1/T^3.
+    """
+    return A / (omega**2 + omega_c**2)
+
+
+def double_exp(omega, A, omega_c, A2, omega_c2):
+    """Two independent Ornstein-Uhlenbeck processes: A/(omega^2+omega_c^2) + A2/(omega^2+omega_c2^2)."""
+    return lorentzian(omega, A, omega_c) + lorentzian(omega, A2, omega_c2)
+
+
+def white(omega, S0):
+    """S(omega) = S0 (1/T): delta-correlated noise, <xi(t) xi(0)> = S0 delta(t). Used by the tests."""
+    return np.broadcast_to(np.asarray(S0, dtype=np.float64), np.shape(omega)) + 0.0 * np.asarray(omega)
+
+
+@dataclass(frozen=True)
+class NoiseParameters:
+    """The noise of one task.
+
+    ``alpha`` is the 1/f exponent (used by one_over_f only), ``A`` and ``omega_c`` the amplitude
+    and corner frequency; double_exp adds a second Lorentzian ``(A2, omega_c2)`` (its first one is
+    ``(A, omega_c)``; alpha is not used as a mixing weight).
+    """
+
+    alpha: float
+    A: float
+    omega_c: float
+    model_type: str = "one_over_f"
+    A2: float | None = None
+    omega_c2: float | None = None
+    detuning: float = 0.0
+    """Quasi-static frequency offset delta of this task in 1/T (the omega -> 0 limit of the noise,
+    a miscalibrated qubit frequency); enters the Hamiltonian as (delta/2) sigma_z. Not part of the
+    feature array: a policy finds it only by adaptation."""
+
+    def __post_init__(self):
+        if self.model_type not in MODEL_ENCODING:
+            raise ValueError(f"model_type {self.model_type!r}; allowed: {', '.join(MODEL_TYPES)}")
+        if self.A < 0 or self.omega_c <= 0:
+            raise ValueError(f"need A >= 0 and omega_c > 0, got A={self.A}, omega_c={self.omega_c}")
+        if self.model_type == "double_exp" and (self.A2 is None or self.omega_c2 is None):
+            raise ValueError("model_type 'double_exp' needs A2 and omega_c2")
+
+    def psd(self, omega, model_type: str | None = None):
+        """S(omega) of this task under its own model (or ``model_type`` when given)."""
+        model = model_type or self.model_type
+        if model == "one_over_f":
+            return one_over_f(omega, self.A, self.alpha, self.omega_c)
+        if model == "lorentzian":
+            return lorentzian(omega, self.A, self.omega_c)
+        if model == "double_exp":
+            if self.A2 is None or self.omega_c2 is None:
+                raise ValueError("model_type 'double_exp' needs A2 and omega_c2")
+            return double_exp(omega, self.A, self.omega_c, self.A2, self.omega_c2)
+        raise ValueError(f"model_type {model!r}; allowed: {', '.join(MODEL_TYPES)}")
+
+    def to_array(self, include_model: bool = True, normalized: bool = False) -> np.ndarray:
+        """``[alpha, A, omega_c(, model)]``; normalized: ``[alpha, log10 A, log10 omega_c(, model)]``.
+
+        The model is encoded one_over_f 0, lorentzian 1, double_exp 2. The second Lorentzian of
+        double_exp is not part of the array (the policy sees it only through adaptation).
+        """
+        if normalized:
+            values = [self.alpha, math.log10(self.A), math.log10(self.omega_c)]
+        else:
+            values = [self.alpha, self.A, self.omega_c]
+        if include_model:
+            values.append(float(MODEL_ENCODING[self.model_type]))
+        return np.asarray(values, dtype=np.float64)
+
+    @classmethod
+    def from_array(cls, arr, has_model: bool = True, normalized: bool = False) -> NoiseParameters:
+        """Inverse of :meth:`to_array` (double_exp's second Lorentzian cannot be recovered)."""
+        arr = np.asarray(arr, dtype=np.float64)
+        if arr.shape != ((4,) if has_model else (3,)):
+            raise ValueError(f"expected {4 if has_model else 3} numbers, got shape {arr.shape}")
+        alpha, a, wc = arr[:3]
+        if normalized:
+            a, wc = 10.0**a, 10.0**wc
+        model = "one_over_f"
+        if has_model:
+            codes = {v: k for k, v in MODEL_ENCODING.items()}
+            code = round(float(arr[3]))
+            if code not in codes or abs(arr[3] - code) > 1e-9:
+                raise ValueError(f"invalid model encoding {arr[3]}; allowed: 0 (one_over_f), 1 (lorentzian), 2 (double_exp)")
+            model = codes[code]
+            if model == "double_exp":
+                raise ValueError("double_exp needs A2 and omega_c2, which the array does not hold")
+        return cls(float(alpha), float(a), float(wc), model)
+
+
+PARAMETERS = ("alpha", "A", "omega_c", "A2", "omega_c2", "detuning")
+
+
+@dataclass(frozen=True)
+class TaskDistribution:
+    """A distribution of tasks: continuous noise parameters and, when mixing, the PSD model.
+
+    ``dist_type``: ``uniform`` (each parameter uniform in its range), ``log_uniform`` (A, omega_c,
+    A2, omega_c2 uniform in log, alpha uniform) or ``gaussian`` (centred in the range, standard
+    deviation a sixth of its width, clipped to the range). ``ranges`` maps alpha, A, omega_c (and,
+    for double_exp, A2 and omega_c2; optionally detuning) to ``(low, high)``. ``model_types`` None
+    means one_over_f only.
+    """
+
+    dist_type: str
+    ranges: dict[str, tuple[float, float]]
+    model_types: tuple[str, ...] | None = None
+    model_probs: tuple[float, ...] | None = None
+    _probs: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.dist_type not in ("uniform", "log_uniform", "gaussian"):
+            raise ValueError(f"dist_type {self.dist_type!r}; allowed: uniform, log_uniform, gaussian")
+        models = tuple(self.model_types) if self.model_types else ("one_over_f",)
+        object.__setattr__(self, "model_types", models)
+        for m in models:
+            if m not in MODEL_ENCODING:
+                raise ValueError(f"model_types: {m!r}; allowed: {', '.join(MODEL_TYPES)}")
+        needed = ["alpha", "A", "omega_c"] + (["A2", "omega_c2"] if "double_exp" in models else [])
+        for key in needed:
+            if key not in self.ranges:
+                raise ValueError(f"ranges: missing {key!r} (needed: {', '.join(needed)})")
+        for key, (lo, hi) in self.ranges.items():
+            if key not in PARAMETERS:
+                raise ValueError(f"ranges: unknown parameter {key!r}; allowed: {', '.join(PARAMETERS)}")
+            if not lo <= hi or (key not in ("alpha", "detuning") and lo <= 0):
+                raise ValueError(f"ranges.{key}: need low <= high (and low > 0 for A, omega_c, A2, omega_c2), got ({lo}, {hi})")
+        if self.model_probs is None:
+            probs = np.full(len(models), 1.0 / len(models))
+        else:
+            probs = np.asarray(self.model_probs, dtype=np.float64)
+            if probs.shape != (len(models),) or (probs < 0).any() or abs(probs.sum() - 1) > 1e-9:
+                raise ValueError(f"model_probs: need {len(models)} non-negative numbers summing to 1, got {list(self.model_probs)}")
+        object.__setattr__(self, "_probs", probs)
+
+    @property
+    def probs(self) -> np.ndarray:
+        return self._probs
+
+    def _draw(self, key: str, n: int, rng: np.random.Generator) -> np.ndarray:
+        lo, hi = self.ranges[key]
+        if self.dist_type == "uniform" or (self.dist_type == "log_uniform" and key in ("alpha", "detuning")):
+            return rng.uniform(lo, hi, n)
+        if self.dist_type == "log_uniform":
+            return np.exp(rng.uniform(math.log(lo), math.log(hi), n))
+        return np.clip(rng.normal((lo + hi) / 2, (hi - lo) / 6, n), lo, hi)
+
+    def sample(self, n: int, rng: np.random.Generator) -> list[NoiseParameters]:
+        """``n`` independent tasks drawn with ``rng``."""
+        models = rng.choice(len(self.model_types), size=n, p=self._probs)
+        draws = {k: self._draw(k, n, rng) for k in self.ranges if k in PARAMETERS}
+        tasks = []
+        for i in range(n):
+            model = self.model_types[models[i]]
+            extra = {}
+            if model == "double_exp":
+                extra = {"A2": float(draws["A2"][i]), "omega_c2": float(draws["omega_c2"][i])}
+            if "detuning" in draws:
+                extra["detuning"] = float(draws["detuning"][i])
+            tasks.append(NoiseParameters(float(draws["alpha"][i]), float(draws["A"][i]), float(draws["omega_c"][i]), model, **extra))
+        return tasks
+
+    def features(self, tasks: list[NoiseParameters]) -> np.ndarray:
+        """Policy input per task, each in [-1, 1]: alpha, log10 A, log10 omega_c scaled by this
+        distribution's ranges, plus the model encoding scaled to [-1, 1] when models are mixed."""
+        arr = np.stack([t.to_array(include_model=True, normalized=True) for t in tasks])
+        lo = np.array([self.ranges["alpha"][0], math.log10(self.ranges["A"][0]), math.log10(self.ranges["omega_c"][0])])
+        hi = np.array([self.ranges["alpha"][1], math.log10(self.ranges["A"][1]), math.log10(self.ranges["omega_c"][1])])
+        width = np.where(hi > lo, hi - lo, 1.0)
+        scaled = np.clip(2 * (arr[:, :3] - lo) / width - 1, -1.5, 1.5)
+        if len(self.model_types) > 1:
+            scaled = np.concatenate([scaled, arr[:, 3:] - 1.0], axis=1)
+        return scaled
+
+    @property
+    def n_features(self) -> int:
+        return 4 if len(self.model_types) > 1 else 3
+
+    def compute_variance(self, converter=None, n_samples: int = 4000, seed: int = 0) -> dict[str, float]:
+        """Task variance, two ways.
+
+        ``raw``: sum of the variances of alpha, A, omega_c in their own units plus the variance of
+        the model encoding (the earlier work's sigma^2_theta; dominated by omega_c's units).
+        ``rates`` (needs ``converter``, a :class:`noise.lindblad.PSDToLindblad`): sum of the
+        variances of the dephasing and relaxation rates (1/T)^2 over the distribution, the spread
+        that matters for control. Monte Carlo over ``n_samples`` tasks from ``seed``.
+        """
+        tasks = self.sample(n_samples, np.random.default_rng(seed))
+        raw = np.stack([t.to_array(include_model=True) for t in tasks])
+        out = {
+            "raw": float(raw.var(axis=0).sum()),
+            "raw_alpha": float(raw[:, 0].var()),
+            "raw_A": float(raw[:, 1].var()),
+            "raw_omega_c": float(raw[:, 2].var()),
+            "raw_model": float(raw[:, 3].var()),
+        }
+        if converter is not None:
+            rates = converter.rates(tasks)
+            out["rates_dephasing"] = float(np.var(rates.gamma_phi))
+            out["rates_relaxation"] = float(np.var(rates.gamma_down))
+            out["rates"] = out["rates_dephasing"] + out["rates_relaxation"]
+        return out
