@@ -142,10 +142,128 @@ class FiniteDiffConfig(_Strict):
     scheme: Literal["central", "forward"] = "central"
 
 
+NOISE_MODELS = ("one_over_f", "lorentzian", "double_exp")
+NOISE_PARAMETERS = ("alpha", "A", "omega_c", "A2", "omega_c2", "detuning")
+TASK_ALGORITHMS = {"cartpole": ("reinforce", "dqn"), "qubit_meta": ("maml", "fomaml", "reptile")}
+
+
+class NoiseConfig(_Strict):
+    """The task distribution of the qubit tasks (units of DESIGN.md section 6: T = 1)."""
+
+    dist_type: Literal["uniform", "log_uniform", "gaussian"] = "log_uniform"
+    """log_uniform: A, omega_c (A2, omega_c2) uniform in log, alpha and detuning uniform."""
+    ranges: dict[str, list[float]] = Field(
+        default_factory=lambda: {"alpha": [0.5, 2.0], "A": [0.03, 1.5], "omega_c": [0.1, 10.0]}
+    )
+    """(low, high) per parameter: alpha, A, omega_c; A2, omega_c2 for double_exp; optional detuning."""
+    range_scale: float = Field(1.0, gt=0, le=1)
+    """Shrink every range about its centre (geometric centre for log-uniform parameters): sweeps task variance."""
+    model_types: list[Literal["one_over_f", "lorentzian", "double_exp"]] = Field(default_factory=lambda: ["one_over_f"])
+    model_probs: list[float] | None = None
+    sequence: Literal["ramsey", "echo", "cpmg"] = "ramsey"
+    """Filter function of the dephasing integral."""
+    n_pulses: int = Field(1, ge=1, le=64)
+    """pi pulses of CPMG."""
+    omega0: float = Field(5.0, gt=0)
+    """Qubit frequency (1/T) where the transverse spectrum sets relaxation."""
+    transverse_coupling: float = Field(1.0, ge=0)
+    """Transverse noise amplitude relative to the dephasing noise: Gamma_down = c^2 S(omega0)/4."""
+
+    @field_validator("ranges")
+    @classmethod
+    def _ranges_valid(cls, v: dict[str, list[float]]) -> dict[str, list[float]]:
+        for key, bounds in v.items():
+            if len(bounds) != 2:
+                raise ValueError(f"{key}: need [low, high], got {bounds}")
+            lo, hi = bounds
+            if key not in NOISE_PARAMETERS:
+                raise ValueError(f"unknown parameter {key!r}; allowed: {', '.join(NOISE_PARAMETERS)}")
+            if not lo <= hi:
+                raise ValueError(f"{key}: need low <= high, got ({lo}, {hi})")
+            if key not in ("alpha", "detuning") and lo <= 0:
+                raise ValueError(f"{key}: need low > 0, got ({lo}, {hi})")
+        for key in ("alpha", "A", "omega_c"):
+            if key not in v:
+                raise ValueError(f"missing {key!r}; needed: alpha, A, omega_c")
+        return v
+
+    @model_validator(mode="after")
+    def _models_valid(self) -> NoiseConfig:
+        if not self.model_types or len(set(self.model_types)) != len(self.model_types):
+            raise ValueError("field 'model_types': list distinct models from one_over_f, lorentzian, double_exp")
+        if "double_exp" in self.model_types and not {"A2", "omega_c2"} <= set(self.ranges):
+            raise ValueError("field 'ranges': double_exp needs ranges for A2 and omega_c2")
+        if self.model_probs is not None:
+            if len(self.model_probs) != len(self.model_types) or any(p < 0 for p in self.model_probs) or abs(sum(self.model_probs) - 1) > 1e-9:
+                raise ValueError(f"field 'model_probs': need {len(self.model_types)} non-negative numbers summing to 1")
+        return self
+
+
+class SupportConfig(_Strict):
+    """The support (adaptation) loss: what an experiment measures, not the exact fidelity."""
+
+    states: int = Field(2, ge=1, le=6)
+    """Pauli eigenstates drawn at random (of the 6) per task and evaluation."""
+    shots: int = Field(256, ge=0, le=10**9)
+    """Measurement shots per state; 0 = exact probabilities."""
+
+
+class MetaEvalConfig(_Strict):
+    n_tasks: int = Field(32, ge=1, le=100_000)
+    """Held-out validation tasks (from a seed of their own)."""
+    every: int = Field(25, ge=1)
+    """Meta-iterations between validation passes."""
+    k_values: list[int] = Field(default_factory=lambda: [0, 1, 2, 5, 10])
+    """Adaptation steps at which fidelity is reported (fidelity vs K)."""
+    model_types: list[Literal["one_over_f", "lorentzian", "double_exp"]] | None = None
+    """Held-out evaluation per model type (generalisation); unset: the training model types."""
+
+    @field_validator("k_values")
+    @classmethod
+    def _k_valid(cls, v: list[int]) -> list[int]:
+        if not v or any(k < 0 or k > 1000 for k in v) or sorted(set(v)) != v:
+            raise ValueError("must be distinct increasing integers in 0..1000")
+        return v
+
+
+class BaselineConfig(_Strict):
+    robust_steps: int = Field(300, ge=0)
+    """Adam steps of the robust fixed pulse (fresh task batch each step); 0 skips it."""
+    robust_batch: int = Field(32, ge=1)
+    optimum_steps: int = Field(300, ge=0)
+    """Adam steps of the per-task optimised pulse on every validation task; 0 skips it."""
+    lr: float = Field(0.05, gt=0)
+
+
+class MetaConfig(_Strict):
+    target_gate: Literal["identity", "x", "y", "h", "sqrt_x"] = "x"
+    fidelity: Literal["average", "state_transfer"] = "average"
+    """Query loss: average gate fidelity, or the earlier work's |0> state-transfer fidelity."""
+    n_segments: int = Field(10, ge=1, le=200)
+    max_amplitude: float = Field(2 * 3.141592653589793, gt=0)
+    """Bound on |u_x|, |u_y| (1/T); a pi pulse needs pi."""
+    task_input: Literal["features", "none"] = "features"
+    """features: normalised (alpha, log A, log omega_c[, model]); none: the policy never sees the task."""
+    noise: NoiseConfig = NoiseConfig()
+    iterations: int = Field(200, ge=1, le=10_000_000)
+    """Meta-iterations (one meta-batch of tasks each)."""
+    meta_batch_size: int = Field(8, ge=1, le=4096)
+    inner_steps: int = Field(5, ge=1, le=1000)
+    inner_lr: float = Field(0.05, gt=0)
+    """Plain gradient steps on the support loss (also used at evaluation)."""
+    meta_lr: float = Field(0.01, gt=0)
+    """Adam learning rate of the meta-parameters."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the meta-gradient norm (unset: no clipping)."""
+    support: SupportConfig = SupportConfig()
+    eval: MetaEvalConfig = MetaEvalConfig()
+    baselines: BaselineConfig = BaselineConfig()
+
+
 class ExperimentConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$", max_length=200)
-    task: Literal["cartpole"] = "cartpole"
-    algorithm: Literal["reinforce", "dqn"] = "reinforce"
+    task: Literal["cartpole", "qubit_meta"] = "cartpole"
+    algorithm: Literal["reinforce", "dqn", "maml", "fomaml", "reptile"] = "reinforce"
     backend: Literal["classical", "pennylane", "tensorcircuit"]
     gradient: Literal["backprop", "adjoint", "parameter-shift", "spsa", "finite-diff"]
     model: ModelConfig = ModelConfig()
@@ -156,6 +274,8 @@ class ExperimentConfig(_Strict):
     finite_diff: FiniteDiffConfig = FiniteDiffConfig()
     seed: int | None = Field(None, ge=0, lt=2**32)
     seeds: list[int] | None = None
+    meta: MetaConfig = MetaConfig()
+    """qubit_meta only: the tasks, the meta-learner and its evaluation."""
     timeout_s: float = Field(600.0, gt=0, le=7 * 24 * 3600)
     """Hard wall-clock limit of one run (its own process is killed at this time)."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
@@ -172,8 +292,26 @@ class ExperimentConfig(_Strict):
                 raise ValueError("seeds must be distinct")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _task_default_algorithm(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("task") == "qubit_meta" and "algorithm" not in data:
+            data = {**data, "algorithm": "maml"}
+        return data
+
     @model_validator(mode="after")
     def _combinations(self) -> ExperimentConfig:
+        algorithms = TASK_ALGORITHMS[self.task]
+        if self.algorithm not in algorithms:
+            raise ValueError(
+                f"field 'algorithm': {self.algorithm!r} does not apply to task {self.task!r}; allowed: {', '.join(algorithms)}"
+            )
+        if self.algorithm == "maml" and not self.second_order_capable:
+            raise ValueError(
+                "field 'algorithm': 'maml' differentiates through the inner loop (second order), which needs "
+                "gradient 'backprop' on classical, pennylane or tensorcircuit with math_backend 'pytorch'; "
+                f"got backend {self.backend!r}, gradient {self.gradient!r}; allowed instead: fomaml, reptile"
+            )
         allowed = SUPPORTED_GRADIENTS[self.backend]
         if self.gradient not in allowed:
             raise ValueError(
@@ -187,7 +325,9 @@ class ExperimentConfig(_Strict):
             )
         if self.seed is not None and self.seeds is not None:
             raise ValueError("fields 'seed' and 'seeds': give one or the other, not both")
-        if self.backend != "classical" and self.model.observables != "auto":
+        if self.task == "qubit_meta" and self.model.observables != "auto":
+            raise ValueError("field 'model.observables': qubit_meta reads out <Z_i> and <Z_i Z_i+1>; leave it 'auto'")
+        if self.task == "cartpole" and self.backend != "classical" and self.model.observables != "auto":
             if len(self.model.observables) != CARTPOLE_N_ACTIONS:
                 raise ValueError(
                     f"field 'model.observables': needs one observable per action ({CARTPOLE_N_ACTIONS}), "
@@ -213,6 +353,18 @@ class ExperimentConfig(_Strict):
         if self.seeds is not None:
             return list(self.seeds)
         return [self.seed if self.seed is not None else 0]
+
+    @property
+    def total_steps(self) -> int:
+        """Length of the progress bar: episodes (cartpole) or meta-iterations (qubit_meta)."""
+        return self.meta.iterations if self.task == "qubit_meta" else self.training.episodes
+
+    @property
+    def second_order_capable(self) -> bool:
+        """Whether autograd can differentiate the model's gradient again (needed by MAML)."""
+        if self.gradient != "backprop":
+            return False
+        return self.backend != "tensorcircuit" or self.tensorcircuit.math_backend == "pytorch"
 
     @property
     def gradient_is_estimated(self) -> bool:

@@ -37,9 +37,12 @@ from utils import flatten_dict, get_or_create_experiment, git_commit, library_ve
 #: Test hook: ``NAME:hang`` or ``NAME:raise`` (comma-separated) makes the worker of run NAME block
 #: forever inside a C call or raise, after it has logged its first episode.
 FAULT_ENV = "QMLBENCH_INJECT_FAULT"
-PRELOAD = ["train", "models", "gradients", "mlflow", "pennylane", "tensorcircuit", "matplotlib.pyplot"]
+PRELOAD = ["train", "models", "gradients", "meta.train", "mlflow", "pennylane", "tensorcircuit", "matplotlib.pyplot"]
 STATUSES = ("PASSED", "FAILED", "TIMED_OUT", "KILLED")
 MLFLOW_STATUS = {"PASSED": "FINISHED", "FAILED": "FAILED", "TIMED_OUT": "KILLED", "KILLED": "KILLED"}
+#: The metric that shows a run's progress (comparison plot; last value of a run that did not pass).
+PROGRESS_METRIC = {"cartpole": "rollout/avg_return_10", "qubit_meta": "meta/val_fidelity_post"}
+PROGRESS_LABEL = {"cartpole": "avg return", "qubit_meta": "val fidelity"}
 
 
 @dataclass
@@ -58,6 +61,7 @@ class RunOutcome:
     status: str
     wall_s: float
     final_avg_return: float = float("nan")
+    final_fidelity: float = float("nan")
     episodes_done: int = 0
     grad_circuit_evals: int | None = None
     total_circuit_evals: int | None = None
@@ -118,24 +122,6 @@ def _injected_fault(run_name: str):
     return None
 
 
-def _learning_curve_figure(returns: list[float], title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    episodes = np.arange(len(returns))
-    ax.plot(episodes, returns, lw=0.8, alpha=0.5, label="episode return")
-    avg = [np.mean(returns[max(0, i - 9) : i + 1]) for i in range(len(returns))]
-    ax.plot(episodes, avg, lw=1.8, label="mean of last 10")
-    ax.set(xlabel="episode", ylabel="return", title=title)
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    return fig
-
-
 def _log_figure(client, run_id: str, fig, artifact_file: str) -> None:
     import matplotlib.pyplot as plt
 
@@ -154,29 +140,14 @@ def _worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_id:
         exp = ExperimentConfig.model_validate(exp_data)
         reporter = _WorkerReporter(client, run_id, run_name, events)
         result = train(exp, seed, reporter)
-        final = {
-            "final/avg_return_10": result.final_avg_return,
-            "final/episodes": len(result.episode_returns),
-            "final/env_steps": result.env_steps,
-            "final/updates": result.updates,
-            "final/grad_circuit_evals": result.grad_circuit_evals,
-            "final/total_circuit_evals": result.total_circuit_evals,
-            "final/train_s": result.wall_s,
-        }
-        if result.model.n_compiles is not None:
-            final["time/n_compiles"] = result.model.n_compiles
-        log_metrics(client, run_id, final, len(result.episode_returns))
+        log_metrics(client, run_id, result.final_metrics(), result.final_step)
         with tempfile.TemporaryDirectory() as tmp:
             weights = Path(tmp) / "weights.pt"
-            torch.save({k: v.cpu() for k, v in result.model.state_dict().items()}, weights)
+            torch.save(result.state_dict(), weights)
             client.log_artifact(run_id, str(weights), "model")
-        _log_figure(client, run_id, _learning_curve_figure(result.episode_returns, run_name), "learning_curve.png")
-        events.put(("done", {
-            "final_avg_return": result.final_avg_return,
-            "episodes_done": len(result.episode_returns),
-            "grad_circuit_evals": result.grad_circuit_evals,
-            "total_circuit_evals": result.total_circuit_evals,
-        }))
+        for artifact, fig in result.figures(run_name).items():
+            _log_figure(client, run_id, fig, artifact)
+        events.put(("done", result.summary()))
     except BaseException as exc:  # noqa: BLE001 - recorded as FAILED by the parent, never swallowed
         message = f"{type(exc).__name__}: {exc}"
         try:
@@ -206,7 +177,8 @@ class _Display:
             self.run_task = None
             self.progress.start()
 
-    def start_run(self, name: str, episodes: int) -> None:
+    def start_run(self, name: str, episodes: int, label: str = "avg return") -> None:
+        self.label = label
         if self.live:
             if self.run_task is not None:
                 self.progress.remove_task(self.run_task)
@@ -216,10 +188,10 @@ class _Display:
 
     def update(self, name: str, episode: int, total: int, avg_return: float) -> None:
         if self.live:
-            self.progress.update(self.run_task, completed=episode, description=f"  {name} avg10 {avg_return:6.1f}")
+            self.progress.update(self.run_task, completed=episode, description=f"  {name} {self.label} {avg_return:6.4g}")
         elif time.monotonic() - self._last_line > 2.0 or episode == total:
             self._last_line = time.monotonic()
-            print(f"[{self.done + 1}/{self.total}] {name}: episode {episode}/{total}, avg return {avg_return:.1f}", flush=True)
+            print(f"[{self.done + 1}/{self.total}] {name}: step {episode}/{total}, {self.label} {avg_return:.4g}", flush=True)
 
     def end_run(self, outcome: RunOutcome) -> None:
         self.done += 1
@@ -239,7 +211,13 @@ class _Display:
 # Summary
 
 
-SUMMARY_COLUMNS = ("run", "backend", "gradient", "status", "wall_s", "final_avg_return", "grad_circuit_evals", "total_circuit_evals")
+BASE_COLUMNS = ("run", "backend", "gradient", "status", "wall_s")
+SCORE_COLUMNS = ("final_avg_return", "final_fidelity")
+COUNT_COLUMNS = ("grad_circuit_evals", "total_circuit_evals")
+
+
+def _rounded(value: float, digits: int) -> float | None:
+    return None if value != value else round(value, digits)
 
 
 def summary_rows(outcomes: list[RunOutcome]) -> list[dict]:
@@ -251,38 +229,49 @@ def summary_rows(outcomes: list[RunOutcome]) -> list[dict]:
             "gradient": o.spec.exp.gradient,
             "status": o.status,
             "wall_s": round(o.wall_s, 2),
-            "final_avg_return": None if o.final_avg_return != o.final_avg_return else round(o.final_avg_return, 1),
+            "final_avg_return": _rounded(o.final_avg_return, 1),
+            "final_fidelity": _rounded(o.final_fidelity, 5),
             "grad_circuit_evals": o.grad_circuit_evals,
             "total_circuit_evals": o.total_circuit_evals,
         })
     return rows
 
 
-def summary_markdown(rows: list[dict]) -> str:
-    header = "| " + " | ".join(SUMMARY_COLUMNS) + " |"
-    lines = [header, "|" + "---|" * len(SUMMARY_COLUMNS)]
+def summary_columns(tasks: set[str]) -> tuple[str, ...]:
+    """The score columns of the tasks present (avg return for CartPole, fidelity for qubit tasks)."""
+    scores = []
+    if "cartpole" in tasks:
+        scores.append("final_avg_return")
+    if "qubit_meta" in tasks:
+        scores.append("final_fidelity")
+    return BASE_COLUMNS + tuple(scores) + COUNT_COLUMNS
+
+
+def summary_markdown(rows: list[dict], columns: tuple[str, ...]) -> str:
+    header = "| " + " | ".join(columns) + " |"
+    lines = [header, "|" + "---|" * len(columns)]
     for r in rows:
-        lines.append("| " + " | ".join("-" if r[c] is None else str(r[c]) for c in SUMMARY_COLUMNS) + " |")
+        lines.append("| " + " | ".join("-" if r[c] is None else str(r[c]) for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
-def summary_csv(rows: list[dict]) -> str:
+def summary_csv(rows: list[dict], columns: tuple[str, ...]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS)
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
 
 
-def print_summary(rows: list[dict], total_s: float) -> None:
+def print_summary(rows: list[dict], columns: tuple[str, ...], total_s: float) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"Sweep summary ({total_s:.1f} s)")
-    for col in SUMMARY_COLUMNS:
+    for col in columns:
         table.add_column(col, justify="right" if col not in ("run", "backend", "gradient", "status") else "left")
     for r in rows:
-        table.add_row(*("-" if r[c] is None else str(r[c]) for c in SUMMARY_COLUMNS))
+        table.add_row(*("-" if r[c] is None else str(r[c]) for c in columns))
     console = Console()
     if not console.is_terminal:
         console = Console(width=200)
@@ -299,10 +288,14 @@ def comparison_figure(client, outcomes: list[RunOutcome]):
     for o in outcomes:
         if o.run_id is None:
             continue
-        history = sorted(client.get_metric_history(o.run_id, "rollout/avg_return_10"), key=lambda m: m.step)
+        history = sorted(client.get_metric_history(o.run_id, PROGRESS_METRIC[o.spec.exp.task]), key=lambda m: m.step)
         if history:
             ax1.plot([m.step for m in history], [m.value for m in history], label=o.spec.name, lw=1.3)
-    ax1.set(xlabel="episode", ylabel="mean return (last 10)", title="Return against episode")
+    tasks = {o.spec.exp.task for o in outcomes}
+    if tasks == {"qubit_meta"}:
+        ax1.set(xlabel="meta-iteration", ylabel="held-out fidelity after adaptation", title="Fidelity against meta-iteration")
+    else:
+        ax1.set(xlabel="episode (CartPole) / meta-iteration", ylabel="mean return (last 10) / fidelity", title="Progress")
     if ax1.lines:
         ax1.legend(fontsize=7, loc="upper left")
     names = [o.spec.name for o in outcomes]
@@ -311,6 +304,27 @@ def comparison_figure(client, outcomes: list[RunOutcome]):
     ax2.invert_yaxis()
     ax2.tick_params(axis="y", labelsize=7)
     ax2.set(xlabel="wall time (s)", title="Wall time per run (colour = status)")
+    fig.tight_layout()
+    return fig
+
+
+def gap_vs_variance_figure(client, outcomes: list[RunOutcome]):
+    """Gap (after adaptation minus robust pulse) against task variance in rates, one point per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for o in outcomes:
+        metrics = client.get_run(o.run_id).data.metrics
+        if "final/gap_to_robust" in metrics and "final/task_variance_rates" in metrics:
+            ax.scatter(metrics["final/task_variance_rates"], metrics["final/gap_to_robust"], label=o.spec.name)
+    ax.axhline(0.0, color="gray", lw=0.8)
+    ax.set(xlabel="task variance in rates ((1/T)^2)", ylabel="fidelity gain over robust pulse",
+           title="Gap vs task variance", xscale="log")
+    if ax.collections:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -379,7 +393,7 @@ class Sweep:
             args=(spec.exp.model_dump(mode="json"), spec.seed, spec.name, self.tracking_uri, run_id, events),
             name=spec.name,
         )
-        display.start_run(spec.name, spec.exp.training.episodes)
+        display.start_run(spec.name, spec.exp.total_steps, PROGRESS_LABEL[spec.exp.task])
         start = time.monotonic()
         proc.start()
         outcome = RunOutcome(spec, "FAILED", 0.0, run_id=run_id)
@@ -421,6 +435,7 @@ class Sweep:
             if result is not None and proc.exitcode == 0:
                 outcome.status = "PASSED"
                 outcome.final_avg_return = result["final_avg_return"]
+                outcome.final_fidelity = result["final_fidelity"]
                 outcome.episodes_done = result["episodes_done"]
                 outcome.grad_circuit_evals = result["grad_circuit_evals"]
                 outcome.total_circuit_evals = result["total_circuit_evals"]
@@ -430,9 +445,13 @@ class Sweep:
         if spec.exp.backend == "classical":
             outcome.grad_circuit_evals = outcome.total_circuit_evals = None
         if outcome.status != "PASSED" and outcome.run_id:
-            history = client.get_metric_history(run_id, "rollout/avg_return_10")
+            history = client.get_metric_history(run_id, PROGRESS_METRIC[spec.exp.task])
             if history:
-                outcome.final_avg_return = max(history, key=lambda m: m.step).value
+                last = max(history, key=lambda m: m.step).value
+                if spec.exp.task == "cartpole":
+                    outcome.final_avg_return = last
+                else:
+                    outcome.final_fidelity = last
         self._finish(client, outcome)
         return outcome
 
@@ -467,16 +486,20 @@ class Sweep:
             display.close()
         total_s = time.monotonic() - t0
         rows = summary_rows(outcomes)
-        print_summary(rows, total_s)
+        columns = summary_columns({spec.exp.task for spec in self.runs})
+        print_summary(rows, columns, total_s)
         skipped = len(self.runs) - len(outcomes)
         if skipped:
             print(f"{skipped} run(s) not started because the sweep was interrupted.")
         counts = {s: sum(o.status == s for o in outcomes) for s in STATUSES}
         sweep_metrics = {"sweep/wall_s": total_s, "sweep/n_not_started": skipped, **{f"sweep/n_{k.lower()}": v for k, v in counts.items()}}
         log_metrics(client, self.parent_run_id, sweep_metrics, 0)
-        client.log_text(self.parent_run_id, summary_markdown(rows), "summary.md")
-        client.log_text(self.parent_run_id, summary_csv(rows), "summary.csv")
+        client.log_text(self.parent_run_id, summary_markdown(rows, columns), "summary.md")
+        client.log_text(self.parent_run_id, summary_csv(rows, columns), "summary.csv")
         _log_figure(client, self.parent_run_id, comparison_figure(client, outcomes), "comparison.png")
+        meta_runs = [o for o in outcomes if o.spec.exp.task == "qubit_meta" and o.status == "PASSED"]
+        if meta_runs:
+            _log_figure(client, self.parent_run_id, gap_vs_variance_figure(client, meta_runs), "gap_vs_variance.png")
         all_passed = not self.interrupted and all(o.status == "PASSED" for o in outcomes)
         sweep_status = "KILLED" if self.interrupted else ("PASSED" if all_passed else "FAILED")
         client.set_tag(self.parent_run_id, "status", sweep_status)

@@ -75,6 +75,57 @@ class TrainResult:
         tail = self.episode_returns[-AVG_WINDOW:]
         return float(np.mean(tail)) if tail else float("nan")
 
+    @property
+    def final_step(self) -> int:
+        return len(self.episode_returns)
+
+    def final_metrics(self) -> dict[str, float]:
+        metrics = {
+            "final/avg_return_10": self.final_avg_return,
+            "final/episodes": len(self.episode_returns),
+            "final/env_steps": self.env_steps,
+            "final/updates": self.updates,
+            "final/grad_circuit_evals": self.grad_circuit_evals,
+            "final/total_circuit_evals": self.total_circuit_evals,
+            "final/train_s": self.wall_s,
+        }
+        if self.model.n_compiles is not None:
+            metrics["time/n_compiles"] = self.model.n_compiles
+        return metrics
+
+    def summary(self) -> dict:
+        """What the sweep's summary table shows for this run."""
+        return {
+            "final_avg_return": self.final_avg_return,
+            "final_fidelity": float("nan"),
+            "episodes_done": len(self.episode_returns),
+            "grad_circuit_evals": self.grad_circuit_evals,
+            "total_circuit_evals": self.total_circuit_evals,
+        }
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.cpu() for k, v in self.model.state_dict().items()}
+
+    def figures(self, title: str) -> dict:
+        return {"learning_curve.png": learning_curve_figure(self.episode_returns, title)}
+
+
+def learning_curve_figure(returns: list[float], title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    episodes = np.arange(len(returns))
+    ax.plot(episodes, returns, lw=0.8, alpha=0.5, label="episode return")
+    avg = [np.mean(returns[max(0, i - 9) : i + 1]) for i in range(len(returns))]
+    ax.plot(episodes, avg, lw=1.8, label="mean of last 10")
+    ax.set(xlabel="episode", ylabel="return", title=title)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    return fig
+
 
 class GradientStep:
     """One optimiser update from a batched output loss, by the experiment's gradient method."""
@@ -381,4 +432,8 @@ ALGORITHMS: dict[str, Callable[[ExperimentConfig, int, Reporter], TrainResult]] 
 
 def train(exp: ExperimentConfig, seed: int, reporter: Reporter | None = None) -> TrainResult:
     """Train one experiment with one seed; ``reporter`` receives metrics and progress."""
+    if exp.task == "qubit_meta":
+        from meta.train import train_meta
+
+        return train_meta(exp, seed, reporter or NullReporter())
     return ALGORITHMS[exp.algorithm](exp, seed, reporter or NullReporter())

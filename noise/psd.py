@@ -213,8 +213,8 @@ class TaskDistribution:
         ``raw``: sum of the variances of alpha, A, omega_c in their own units plus the variance of
         the model encoding (the earlier work's sigma^2_theta; dominated by omega_c's units).
         ``rates`` (needs ``converter``, a :class:`noise.lindblad.PSDToLindblad`): sum of the
-        variances of the dephasing and relaxation rates (1/T)^2 over the distribution, the spread
-        that matters for control. Monte Carlo over ``n_samples`` tasks from ``seed``.
+        variances of the dephasing rate, the relaxation rate and the detuning, (1/T)^2, over the
+        distribution: the spread that matters for control. Monte Carlo over ``n_samples`` tasks from ``seed``.
         """
         tasks = self.sample(n_samples, np.random.default_rng(seed))
         raw = np.stack([t.to_array(include_model=True) for t in tasks])
@@ -229,5 +229,6 @@ class TaskDistribution:
             rates = converter.rates(tasks)
             out["rates_dephasing"] = float(np.var(rates.gamma_phi))
             out["rates_relaxation"] = float(np.var(rates.gamma_down))
-            out["rates"] = out["rates_dephasing"] + out["rates_relaxation"]
+            out["rates_detuning"] = float(np.var([t.detuning for t in tasks]))
+            out["rates"] = out["rates_dephasing"] + out["rates_relaxation"] + out["rates_detuning"]
         return out

@@ -1,0 +1,359 @@
+"""The ``qubit_meta`` task: meta-train a pulse policy across noise settings and evaluate it.
+
+One run:
+
+1. Baselines on the training distribution: the robust pulse (one pulse, never sees the task).
+2. Meta-training for ``meta.iterations`` meta-batches (MAML / FOMAML / Reptile, see
+   meta/algorithms.py); every ``meta.eval.every`` iterations a validation pass on held-out
+   tasks (before and after ``inner_steps`` adaptation steps).
+3. Final evaluation on the held-out tasks: fidelity after k adaptation steps for every k in
+   ``meta.eval.k_values``, the robust pulse, the per-task optimum; per model type; and on a
+   held-out set of each model type in ``meta.eval.model_types`` (generalisation).
+
+Metrics (MLflow, with steps): ``meta/train_loss`` (query loss after adaptation, per
+iteration), ``meta/support_loss_pre``, ``grad/norm``, ``grad/loss_evals``, ``grad/circuit_evals``;
+``meta/val_fidelity_pre``, ``meta/val_fidelity_post``, ``meta/adaptation_gain`` (per validation
+pass); ``meta/fidelity_vs_k`` (step = k); ``final/*`` (see :meth:`MetaResult.final_metrics`).
+Fidelities are average gate fidelities (exact) on the held-out tasks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from config_schema import ExperimentConfig, NoiseConfig
+from meta.algorithms import Losses, TaskGradients, adapt, meta_gradient, per_task_optimum, robust_pulse
+from meta.policies import PulsePolicy, build_pulse_policy
+from meta.tasks import QubitTasks, TaskFactory
+from noise import PSDToLindblad, TaskDistribution
+from utils import seed_everything
+
+#: Offset of the seed of the held-out tasks: the same validation tasks for every backend and method.
+VALIDATION_SEED_OFFSET = 1_000_003
+LOG_SCALE = ("A", "omega_c", "A2", "omega_c2")
+
+
+class NonFiniteMetaError(FloatingPointError):
+    pass
+
+
+def scaled_ranges(noise: NoiseConfig) -> dict[str, tuple[float, float]]:
+    """The ranges shrunk by ``range_scale`` about their centre (geometric centre where sampled in log)."""
+    out = {}
+    for key, (lo, hi) in noise.ranges.items():
+        s = noise.range_scale
+        if noise.dist_type == "log_uniform" and key in LOG_SCALE:
+            centre = math.sqrt(lo * hi)
+            out[key] = (centre * (lo / centre) ** s, centre * (hi / centre) ** s)
+        else:
+            centre = (lo + hi) / 2
+            out[key] = (centre - s * (centre - lo), centre + s * (hi - centre))
+    return out
+
+
+def task_distribution(noise: NoiseConfig, model_types: list[str] | None = None) -> TaskDistribution:
+    models = tuple(model_types or noise.model_types)
+    probs = tuple(noise.model_probs) if noise.model_probs is not None and model_types is None else None
+    return TaskDistribution(noise.dist_type, scaled_ranges(noise), models, probs)
+
+
+def converter_for(noise: NoiseConfig) -> PSDToLindblad:
+    return PSDToLindblad(sequence=noise.sequence, n_pulses=noise.n_pulses, omega0=noise.omega0,
+                         transverse_coupling=noise.transverse_coupling)
+
+
+def task_factory(exp: ExperimentConfig) -> TaskFactory:
+    meta = exp.meta
+    return TaskFactory(task_distribution(meta.noise), converter_for(meta.noise), meta.target_gate, meta.task_input,
+                       meta.fidelity, meta.support.states, meta.support.shots)
+
+
+@dataclass
+class Evaluation:
+    """Fidelities on one set of held-out tasks (arrays over tasks)."""
+
+    model_types: list[str]
+    by_k: dict[int, np.ndarray]
+    robust: np.ndarray | None = None
+    optimum: np.ndarray | None = None
+
+    def mean(self, k: int, mask: np.ndarray | None = None) -> float:
+        values = self.by_k[k] if mask is None else self.by_k[k][mask]
+        return float(values.mean())
+
+
+@dataclass
+class MetaResult:
+    """What a qubit_meta run hands back to the runner."""
+
+    exp: ExperimentConfig
+    theta: torch.Tensor
+    robust_pulse: torch.Tensor | None
+    policy: PulsePolicy
+    train_loss: list[float]
+    validation: list[tuple[int, float, float]]
+    """(iteration, fidelity before, after inner_steps adaptation) per validation pass."""
+    final: Evaluation
+    heldout: dict[str, Evaluation]
+    variance: dict[str, float]
+    loss_evaluations: int
+    wall_s: float
+    baselines_s: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def iterations(self) -> int:
+        return len(self.train_loss)
+
+    @property
+    def model(self):
+        return self.policy
+
+    @property
+    def k_post(self) -> int:
+        return self.exp.meta.inner_steps if self.exp.meta.inner_steps in self.final.by_k else max(self.final.by_k)
+
+    @property
+    def final_fidelity(self) -> float:
+        """Mean held-out fidelity after ``inner_steps`` adaptation steps (the headline number)."""
+        return self.final.mean(self.k_post)
+
+    def final_metrics(self) -> dict[str, float]:
+        ev = self.final
+        k = self.k_post
+        m = {
+            "final/fidelity_pre": ev.mean(0),
+            "final/fidelity_post": ev.mean(k),
+            "final/adaptation_gain": ev.mean(k) - ev.mean(0),
+            "final/iterations": self.iterations,
+            "final/loss_evaluations": self.loss_evaluations,
+            "final/train_s": self.wall_s,
+            "time/baselines_s": self.baselines_s,
+            "final/task_variance_raw": self.variance["raw"],
+            "final/task_variance_rates": self.variance["rates"],
+            **{f"final/fidelity_k{kk}": ev.mean(kk) for kk in ev.by_k},
+        }
+        if ev.robust is not None:
+            m["final/fidelity_robust"] = float(ev.robust.mean())
+            m["final/gap_to_robust"] = ev.mean(k) - float(ev.robust.mean())
+        if ev.optimum is not None:
+            m["final/fidelity_optimum"] = float(ev.optimum.mean())
+            m["final/gap_to_optimum"] = float(ev.optimum.mean()) - ev.mean(k)
+        types = np.array(ev.model_types)
+        for model in sorted(set(ev.model_types)):
+            mask = types == model
+            m[f"final/by_model/{model}/fidelity_pre"] = ev.mean(0, mask)
+            m[f"final/by_model/{model}/fidelity_post"] = ev.mean(k, mask)
+        for model, hev in self.heldout.items():
+            m[f"final/heldout/{model}/fidelity_pre"] = hev.mean(0)
+            m[f"final/heldout/{model}/fidelity_post"] = hev.mean(k)
+            if hev.robust is not None:
+                m[f"final/heldout/{model}/fidelity_robust"] = float(hev.robust.mean())
+            if hev.optimum is not None:
+                m[f"final/heldout/{model}/fidelity_optimum"] = float(hev.optimum.mean())
+        if self.policy.n_compiles is not None:
+            m["time/n_compiles"] = self.policy.n_compiles
+        return m
+
+    @property
+    def final_step(self) -> int:
+        return self.iterations
+
+    def summary(self) -> dict:
+        evals = self.policy.circuit_evals if self.exp.backend != "classical" else None
+        return {"final_fidelity": self.final_fidelity, "episodes_done": self.iterations, "grad_circuit_evals": None,
+                "total_circuit_evals": evals, "final_avg_return": float("nan")}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {"theta": self.theta.detach().cpu()}
+        if self.robust_pulse is not None:
+            out["robust_pulse"] = self.robust_pulse.cpu()
+        return out
+
+    def figures(self, title: str) -> dict:
+        return {
+            "learning_curve.png": _training_figure(self, title),
+            "fidelity_vs_k.png": _fidelity_vs_k_figure(self, title),
+            "fidelity_by_model.png": _by_model_figure(self, title),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    losses: Losses, grads: TaskGradients, theta: torch.Tensor, tasks: QubitTasks, k_values: list[int], inner_lr: float,
+    robust: torch.Tensor | None = None, optimum_steps: int = 0, optimum_lr: float = 0.05, max_amplitude: float = 1.0,
+) -> Evaluation:
+    """Fidelity on ``tasks`` after k adaptation steps (support loss) for every k in ``k_values``."""
+    by_k: dict[int, np.ndarray] = {}
+    wanted = set(k_values)
+
+    def record(k: int, phi: torch.Tensor) -> None:
+        if k in wanted:
+            with torch.no_grad():
+                by_k[k] = (1 - losses.query(phi, tasks)).numpy().copy()
+
+    start = theta.detach().expand(len(tasks), -1).clone()
+    adapt(losses, grads, start, tasks, max(k_values), inner_lr, on_step=record)
+    ev = Evaluation(tasks.model_types, by_k)
+    if robust is not None:
+        with torch.no_grad():
+            ev.robust = tasks.fidelity(robust.expand(len(tasks), -1, -1)).numpy()
+        if optimum_steps > 0:
+            pulses = per_task_optimum(tasks, robust, max_amplitude, optimum_steps, optimum_lr)
+            with torch.no_grad():
+                ev.optimum = tasks.fidelity(pulses).numpy()
+    return ev
+
+
+def train_meta(exp: ExperimentConfig, seed: int, reporter) -> MetaResult:
+    meta = exp.meta
+    seed_everything(seed)
+    reporter.tags({"device": "cpu", "device_note": "qubit tasks simulate 4x4 superoperators on the CPU"})
+    factory = task_factory(exp)
+    policy = build_pulse_policy(exp, factory.n_inputs)
+    shots_gen = torch.Generator().manual_seed(seed + 1)
+    losses = Losses(policy, shots_gen)
+    grads = TaskGradients(exp.gradient, torch.Generator().manual_seed(seed + 2), exp.spsa.c, exp.spsa.n_directions,
+                          exp.finite_diff.step, exp.finite_diff.scheme)
+    train_rng = np.random.default_rng(seed)
+    val_rng = np.random.default_rng(seed + VALIDATION_SEED_OFFSET)
+    val_tasks = factory.sample(meta.eval.n_tasks, val_rng)
+    heldout_tasks = {
+        model: factory.make(task_distribution(meta.noise, [model]).sample(meta.eval.n_tasks, val_rng))
+        for model in (meta.eval.model_types or [])
+    }
+    reporter.tags({"n_params": str(policy.n_params), "task_inputs": str(factory.n_inputs)})
+
+    t0 = time.monotonic()
+    robust = None
+    if meta.baselines.robust_steps > 0:
+        robust = robust_pulse(lambda n: factory.sample(n, train_rng), meta.n_segments, meta.max_amplitude,
+                              meta.baselines.robust_steps, meta.baselines.robust_batch, meta.baselines.lr,
+                              torch.Generator().manual_seed(seed + 3))
+    baselines_s = time.monotonic() - t0
+    if robust is not None:
+        with torch.no_grad():
+            robust_val = float(val_tasks.fidelity(robust.expand(len(val_tasks), -1, -1)).mean())
+        reporter.metrics({"baseline/robust_fidelity": robust_val, "time/baselines_s": baselines_s}, 0)
+
+    theta = torch.nn.Parameter(policy.init_params(seed))
+    optimizer = torch.optim.Adam([theta], lr=meta.meta_lr)
+    train_loss: list[float] = []
+    validation: list[tuple[int, float, float]] = []
+    start = time.monotonic()
+    for it in range(1, meta.iterations + 1):
+        evals_before, loss_evals_before = policy.circuit_evals, grads.loss_evaluations
+        tasks = factory.sample(meta.meta_batch_size, train_rng)
+        g, info = meta_gradient(exp.algorithm, losses, grads, theta, tasks, meta.inner_steps, meta.inner_lr)
+        norm = float(torch.linalg.vector_norm(g))
+        if not math.isfinite(info["query_loss_post"]):
+            raise NonFiniteMetaError(f"non-finite loss at iteration {it}")
+        if not math.isfinite(norm):
+            raise NonFiniteMetaError(f"non-finite gradient at iteration {it}")
+        if meta.max_grad_norm is not None and norm > meta.max_grad_norm:
+            g = g * (meta.max_grad_norm / norm)
+        optimizer.zero_grad()
+        theta.grad = g.to(theta.dtype)
+        optimizer.step()
+        if not torch.isfinite(theta).all():
+            raise NonFiniteMetaError(f"non-finite parameter at iteration {it}")
+        train_loss.append(info["query_loss_post"])
+        metrics = {"meta/train_loss": info["query_loss_post"], "meta/support_loss_pre": info["support_loss_pre"],
+                   "grad/norm": norm, "grad/loss_evals": grads.loss_evaluations - loss_evals_before}
+        if exp.backend != "classical":
+            metrics["grad/circuit_evals"] = policy.circuit_evals - evals_before
+        if it % meta.eval.every == 0 or it == meta.iterations:
+            ev = evaluate(losses, grads, theta, val_tasks, sorted({0, meta.inner_steps}), meta.inner_lr)
+            pre, post = ev.mean(0), ev.mean(meta.inner_steps)
+            validation.append((it, pre, post))
+            metrics.update({"meta/val_fidelity_pre": pre, "meta/val_fidelity_post": post, "meta/adaptation_gain": post - pre})
+            metrics["time/iterations_per_s"] = it / (time.monotonic() - start)
+        reporter.metrics(metrics, it)
+        reporter.progress(it, meta.iterations, validation[-1][2] if validation else float("nan"))
+    wall_s = time.monotonic() - start
+
+    t1 = time.monotonic()
+    k_values = sorted(set(meta.eval.k_values) | {0, meta.inner_steps})
+    common = dict(robust=robust, optimum_steps=meta.baselines.optimum_steps, optimum_lr=meta.baselines.lr,
+                  max_amplitude=meta.max_amplitude)
+    final = evaluate(losses, grads, theta, val_tasks, k_values, meta.inner_lr, **common)
+    heldout = {m: evaluate(losses, grads, theta, t, k_values, meta.inner_lr, **common) for m, t in heldout_tasks.items()}
+    for k in k_values:
+        reporter.metrics({"meta/fidelity_vs_k": final.mean(k)}, k)
+    variance = factory.distribution.compute_variance(factory.converter, n_samples=2000, seed=seed)
+    result = MetaResult(exp, theta.detach(), robust, policy, train_loss, validation, final, heldout, variance,
+                        grads.loss_evaluations, wall_s, baselines_s + time.monotonic() - t1)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _training_figure(result: MetaResult, title: str):
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax1.semilogy(np.arange(1, result.iterations + 1), result.train_loss, lw=0.8)
+    ax1.set(xlabel="meta-iteration", ylabel="query loss after adaptation (1 - F)", title=title)
+    if result.validation:
+        its, pre, post = zip(*result.validation)
+        ax2.plot(its, pre, "o-", label="before adaptation")
+        ax2.plot(its, post, "o-", label=f"after {result.exp.meta.inner_steps} steps")
+        ax2.legend()
+    ax2.set(xlabel="meta-iteration", ylabel="held-out fidelity", title="validation")
+    fig.tight_layout()
+    return fig
+
+
+def _fidelity_vs_k_figure(result: MetaResult, title: str):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ks = sorted(result.final.by_k)
+    ax.plot(ks, [result.final.mean(k) for k in ks], "o-", label="meta-learned, adapted k steps")
+    if result.final.robust is not None:
+        ax.axhline(float(result.final.robust.mean()), color="tab:orange", ls="--", label="robust pulse")
+    if result.final.optimum is not None:
+        ax.axhline(float(result.final.optimum.mean()), color="tab:green", ls=":", label="per-task optimum")
+    ax.set(xlabel="adaptation steps k", ylabel="mean held-out fidelity", title=title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def _by_model_figure(result: MetaResult, title: str):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    groups = {"validation (training mix)": result.final, **{f"held-out {m}": ev for m, ev in result.heldout.items()}}
+    k = result.k_post
+    labels, cols = list(groups), [("before", 0), (f"after {k}", k)]
+    width = 0.2
+    x = np.arange(len(labels))
+    for i, (name, kk) in enumerate(cols):
+        ax.bar(x + (i - 1.5) * width, [ev.mean(kk) for ev in groups.values()], width, label=name)
+    ax.bar(x + 0.5 * width, [float(ev.robust.mean()) if ev.robust is not None else np.nan for ev in groups.values()],
+           width, label="robust")
+    ax.bar(x + 1.5 * width, [float(ev.optimum.mean()) if ev.optimum is not None else np.nan for ev in groups.values()],
+           width, label="optimum")
+    ax.set_xticks(x, labels, fontsize=8)
+    lows = [min(ev.by_k[0].mean(), ev.by_k[k].mean()) for ev in groups.values()]
+    ax.set_ylim(max(0.0, min(lows) - 0.05), 1.0)
+    ax.set(ylabel="mean fidelity", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
