@@ -102,6 +102,8 @@ class MetaResult:
     heldout: dict[str, Evaluation]
     variance: dict[str, float]
     loss_evaluations: int
+    grad_circuit_evals: int
+    """Circuits executed by meta-training (all of them serve gradients); evaluation excluded."""
     wall_s: float
     baselines_s: float
     extra: dict[str, float] = field(default_factory=dict)
@@ -132,6 +134,8 @@ class MetaResult:
             "final/adaptation_gain": ev.mean(k) - ev.mean(0),
             "final/iterations": self.iterations,
             "final/loss_evaluations": self.loss_evaluations,
+            "final/grad_circuit_evals": self.grad_circuit_evals,
+            "final/total_circuit_evals": self.policy.circuit_evals,
             "final/train_s": self.wall_s,
             "time/baselines_s": self.baselines_s,
             "final/task_variance_raw": self.variance["raw"],
@@ -165,9 +169,10 @@ class MetaResult:
         return self.iterations
 
     def summary(self) -> dict:
-        evals = self.policy.circuit_evals if self.exp.backend != "classical" else None
-        return {"final_fidelity": self.final_fidelity, "episodes_done": self.iterations, "grad_circuit_evals": None,
-                "total_circuit_evals": evals, "final_avg_return": float("nan")}
+        quantum = self.exp.backend != "classical"
+        return {"final_fidelity": self.final_fidelity, "episodes_done": self.iterations,
+                "grad_circuit_evals": self.grad_circuit_evals if quantum else None,
+                "total_circuit_evals": self.policy.circuit_evals if quantum else None, "final_avg_return": float("nan")}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {"theta": self.theta.detach().cpu()}
@@ -247,6 +252,7 @@ def train_meta(exp: ExperimentConfig, seed: int, reporter) -> MetaResult:
     optimizer = torch.optim.Adam([theta], lr=meta.meta_lr)
     train_loss: list[float] = []
     validation: list[tuple[int, float, float]] = []
+    grad_circuit_evals = 0
     start = time.monotonic()
     for it in range(1, meta.iterations + 1):
         evals_before, loss_evals_before = policy.circuit_evals, grads.loss_evaluations
@@ -269,6 +275,7 @@ def train_meta(exp: ExperimentConfig, seed: int, reporter) -> MetaResult:
                    "grad/norm": norm, "grad/loss_evals": grads.loss_evaluations - loss_evals_before}
         if exp.backend != "classical":
             metrics["grad/circuit_evals"] = policy.circuit_evals - evals_before
+            grad_circuit_evals += policy.circuit_evals - evals_before
         if it % meta.eval.every == 0 or it == meta.iterations:
             ev = evaluate(losses, grads, theta, val_tasks, sorted({0, meta.inner_steps}), meta.inner_lr)
             pre, post = ev.mean(0), ev.mean(meta.inner_steps)
@@ -289,7 +296,7 @@ def train_meta(exp: ExperimentConfig, seed: int, reporter) -> MetaResult:
         reporter.metrics({"meta/fidelity_vs_k": final.mean(k)}, k)
     variance = factory.distribution.compute_variance(factory.converter, n_samples=2000, seed=seed)
     result = MetaResult(exp, theta.detach(), robust, policy, train_loss, validation, final, heldout, variance,
-                        grads.loss_evaluations, wall_s, baselines_s + time.monotonic() - t1)
+                        grads.loss_evaluations, grad_circuit_evals, wall_s, baselines_s + time.monotonic() - t1)
     return result
 
 

@@ -197,13 +197,17 @@ def test_qubit_meta_runs_pass_on_every_backend(tmp_path):
             {"name": "pl_maml", "backend": "pennylane", "gradient": "backprop", "algorithm": "maml"},
             {"name": "tc_fomaml", "backend": "tensorcircuit", "gradient": "backprop", "algorithm": "fomaml"},
             {"name": "pl_spsa_reptile", "backend": "pennylane", "gradient": "spsa", "algorithm": "reptile"},
+            {"name": "pl_adjoint_fomaml", "backend": "pennylane", "gradient": "adjoint", "algorithm": "fomaml"},
+            {"name": "tc_shift_reptile", "backend": "tensorcircuit", "gradient": "parameter-shift", "algorithm": "reptile"},
+            {"name": "classical_fd_fomaml", "backend": "classical", "gradient": "finite-diff", "algorithm": "fomaml"},
         ],
     }
     proc = run_py(tmp_path, config)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "final_fidelity" in proc.stdout and "final_avg_return" not in proc.stdout
     client, runs = runs_by_name(tmp_path)
-    for name in ("classical_maml", "pl_maml", "tc_fomaml", "pl_spsa_reptile"):
+    for name in ("classical_maml", "pl_maml", "tc_fomaml", "pl_spsa_reptile", "pl_adjoint_fomaml", "tc_shift_reptile",
+                 "classical_fd_fomaml"):
         run = runs[f"{name}-seed0"]
         assert run.data.tags["status"] == "PASSED", run.data.tags.get("error")
         m = run.data.metrics
@@ -212,6 +216,8 @@ def test_qubit_meta_runs_pass_on_every_backend(tmp_path):
                     "final/heldout/lorentzian/fidelity_post", "final/by_model/one_over_f/fidelity_post"):
             assert key in m and math.isfinite(m[key]), key
         assert 0 < m["final/fidelity_post"] <= 1
+        if not name.startswith("classical"):
+            assert 0 < m["final/grad_circuit_evals"] <= m["final/total_circuit_evals"]
         assert [h.step for h in client.get_metric_history(run.info.run_id, "meta/fidelity_vs_k")] == [0, 1, 2]
         assert len(client.get_metric_history(run.info.run_id, "meta/train_loss")) == 3
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
