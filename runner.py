@@ -166,6 +166,7 @@ class _Display:
 
     def __init__(self, total: int, live: bool):
         self.total, self.live, self.done = total, live, 0
+        self.label = "avg return"
         self._last_line = 0.0
         if live:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -212,7 +213,6 @@ class _Display:
 
 
 BASE_COLUMNS = ("run", "backend", "gradient", "status", "wall_s")
-SCORE_COLUMNS = ("final_avg_return", "final_fidelity")
 COUNT_COLUMNS = ("grad_circuit_evals", "total_circuit_evals")
 
 
