@@ -349,6 +349,13 @@ class Sweep:
             self.environment_tags["git_commit"] = commit
 
     def _context(self):
+        # Python 3.11's forkserver does not apply the parent's sys.path before preloading and
+        # skips modules it cannot import without a word; run.py started from another directory
+        # would then preload none of the project's modules. The forkserver inherits the environment.
+        project = str(Path(__file__).resolve().parent)
+        paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+        if project not in paths:
+            os.environ["PYTHONPATH"] = os.pathsep.join([project, *filter(None, paths)])
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(PRELOAD)
         return ctx
@@ -395,7 +402,6 @@ class Sweep:
         )
         display.start_run(spec.name, spec.exp.total_steps, PROGRESS_LABEL[spec.exp.task])
         start = time.monotonic()
-        proc.start()
         outcome = RunOutcome(spec, "FAILED", 0.0, run_id=run_id)
         received: dict = {}
 
@@ -409,6 +415,7 @@ class Sweep:
 
         deadline = start + spec.exp.timeout_s
         try:
+            proc.start()  # inside the try: the first start waits for the forkserver to preload, Ctrl-C may come then
             while True:
                 try:
                     handle(events.get(timeout=min(0.2, max(0.01, deadline - time.monotonic()))))
@@ -427,7 +434,8 @@ class Sweep:
             self.interrupted = True
             outcome.status = "KILLED"
             outcome.error = f"sweep interrupted at episode {outcome.episodes_done}"
-        proc.join()
+        if proc.pid is not None:  # started
+            proc.join()
         outcome.wall_s = time.monotonic() - start
         if outcome.status not in ("TIMED_OUT", "KILLED"):  # the worker ended on its own
             _drain(events, handle)  # (a killed writer may have left half a message: not read then)
