@@ -29,7 +29,6 @@ from models import CIRCUIT_BACKENDS, DTYPE, CircuitSpec
 
 class PulsePolicy:
     n_params: int
-    backend_name: str = "classical"
 
     def __init__(self, n_inputs: int, n_segments: int, max_amplitude: float):
         self.n_inputs, self.n_segments, self.max_amplitude = n_inputs, n_segments, max_amplitude
@@ -95,7 +94,6 @@ class CircuitPulsePolicy(PulsePolicy):
         super().__init__(n_inputs, n_segments, max_amplitude)
         self.spec = CircuitSpec(exp.model.n_qubits, exp.model.n_layers, n_inputs, pulse_readouts(exp.model.n_qubits))
         self.circuit = CIRCUIT_BACKENDS[exp.backend](self.spec, exp)
-        self.backend_name = exp.backend
         self.init = exp.model.init
         spec = self.spec
         self.n_obs = len(spec.observables)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,15 +31,12 @@ from meta.algorithms import Losses, TaskGradients, adapt, meta_gradient, per_tas
 from meta.policies import PulsePolicy, build_pulse_policy
 from meta.tasks import QubitTasks, TaskFactory
 from noise import PSDToLindblad, TaskDistribution
+from train import NonFiniteError
 from utils import seed_everything
 
 #: Offset of the seed of the held-out tasks: the same validation tasks for every backend and method.
 VALIDATION_SEED_OFFSET = 1_000_003
 LOG_SCALE = ("A", "omega_c", "A2", "omega_c2")
-
-
-class NonFiniteMetaError(FloatingPointError):
-    pass
 
 
 def scaled_ranges(noise: NoiseConfig) -> dict[str, tuple[float, float]]:
@@ -106,15 +103,10 @@ class MetaResult:
     """Circuits executed by meta-training (all of them serve gradients); evaluation excluded."""
     wall_s: float
     baselines_s: float
-    extra: dict[str, float] = field(default_factory=dict)
 
     @property
     def iterations(self) -> int:
         return len(self.train_loss)
-
-    @property
-    def model(self):
-        return self.policy
 
     @property
     def k_post(self) -> int:
@@ -260,16 +252,16 @@ def train_meta(exp: ExperimentConfig, seed: int, reporter) -> MetaResult:
         g, info = meta_gradient(exp.algorithm, losses, grads, theta, tasks, meta.inner_steps, meta.inner_lr)
         norm = float(torch.linalg.vector_norm(g))
         if not math.isfinite(info["query_loss_post"]):
-            raise NonFiniteMetaError(f"non-finite loss at iteration {it}")
+            raise NonFiniteError(f"non-finite loss at iteration {it}")
         if not math.isfinite(norm):
-            raise NonFiniteMetaError(f"non-finite gradient at iteration {it}")
+            raise NonFiniteError(f"non-finite gradient at iteration {it}")
         if meta.max_grad_norm is not None and norm > meta.max_grad_norm:
             g = g * (meta.max_grad_norm / norm)
         optimizer.zero_grad()
         theta.grad = g.to(theta.dtype)
         optimizer.step()
         if not torch.isfinite(theta).all():
-            raise NonFiniteMetaError(f"non-finite parameter at iteration {it}")
+            raise NonFiniteError(f"non-finite parameter at iteration {it}")
         train_loss.append(info["query_loss_post"])
         metrics = {"meta/train_loss": info["query_loss_post"], "meta/support_loss_pre": info["support_loss_pre"],
                    "grad/norm": norm, "grad/loss_evals": grads.loss_evaluations - loss_evals_before}
