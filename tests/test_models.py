@@ -9,7 +9,7 @@ from conftest import experiment
 
 from models import CircuitSpec, build_model, circuit_spec, default_observables, parse_observable, pennylane_device_for
 
-OBS = torch.tensor([[0.02, 0.3, -0.04, -0.5], [1.5, -1.0, 0.18, 2.0], [-0.7, 0.1, 0.0, 0.9]])
+OBS = torch.tensor([[0.02, 0.3, -0.04, -0.5], [1.5, -1.0, 0.18, 2.0], [-0.7, 0.1, 0.0, 0.9]], dtype=torch.float64)
 
 
 def reference_model(**model):
