@@ -14,12 +14,15 @@ experiment, the field and the allowed values; :class:`ConfigError` carries those
 from __future__ import annotations
 
 import copy
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from noise.psd import TaskDistribution
 
 BACKENDS = ("classical", "pennylane", "tensorcircuit")
 GRADIENTS = ("backprop", "adjoint", "parameter-shift", "spsa", "finite-diff")
@@ -142,8 +145,7 @@ class FiniteDiffConfig(_Strict):
     scheme: Literal["central", "forward"] = "central"
 
 
-NOISE_MODELS = ("one_over_f", "lorentzian", "double_exp")
-NOISE_PARAMETERS = ("alpha", "A", "omega_c", "A2", "omega_c2", "detuning")
+LOG_SCALE_PARAMETERS = ("A", "omega_c", "A2", "omega_c2")
 TASK_ALGORITHMS = {"cartpole": ("reinforce", "dqn"), "qubit_meta": ("maml", "fomaml", "reptile")}
 
 
@@ -171,32 +173,41 @@ class NoiseConfig(_Strict):
 
     @field_validator("ranges")
     @classmethod
-    def _ranges_valid(cls, v: dict[str, list[float]]) -> dict[str, list[float]]:
+    def _ranges_are_pairs(cls, v: dict[str, list[float]]) -> dict[str, list[float]]:
         for key, bounds in v.items():
             if len(bounds) != 2:
                 raise ValueError(f"{key}: need [low, high], got {bounds}")
-            lo, hi = bounds
-            if key not in NOISE_PARAMETERS:
-                raise ValueError(f"unknown parameter {key!r}; allowed: {', '.join(NOISE_PARAMETERS)}")
-            if not lo <= hi:
-                raise ValueError(f"{key}: need low <= high, got ({lo}, {hi})")
-            if key not in ("alpha", "detuning") and lo <= 0:
-                raise ValueError(f"{key}: need low > 0, got ({lo}, {hi})")
-        for key in ("alpha", "A", "omega_c"):
-            if key not in v:
-                raise ValueError(f"missing {key!r}; needed: alpha, A, omega_c")
         return v
 
     @model_validator(mode="after")
-    def _models_valid(self) -> NoiseConfig:
-        if not self.model_types or len(set(self.model_types)) != len(self.model_types):
+    def _distribution_valid(self) -> NoiseConfig:
+        if len(set(self.model_types)) != len(self.model_types) or not self.model_types:
             raise ValueError("field 'model_types': list distinct models from one_over_f, lorentzian, double_exp")
-        if "double_exp" in self.model_types and not {"A2", "omega_c2"} <= set(self.ranges):
-            raise ValueError("field 'ranges': double_exp needs ranges for A2 and omega_c2")
-        if self.model_probs is not None:
-            if len(self.model_probs) != len(self.model_types) or any(p < 0 for p in self.model_probs) or abs(sum(self.model_probs) - 1) > 1e-9:
-                raise ValueError(f"field 'model_probs': need {len(self.model_types)} non-negative numbers summing to 1")
+        try:
+            self.distribution()
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
         return self
+
+    def distribution(self, model_types: list[str] | None = None) -> TaskDistribution:
+        """The task distribution, ranges shrunk by ``range_scale``; ``model_types`` replaces the
+        configured models (and their probabilities) for held-out evaluation."""
+        models = tuple(model_types or self.model_types)
+        probs = tuple(self.model_probs) if self.model_probs is not None and model_types is None else None
+        return TaskDistribution(self.dist_type, self.scaled_ranges(), models, probs)
+
+    def scaled_ranges(self) -> dict[str, tuple[float, float]]:
+        """The ranges shrunk by ``range_scale`` about their centre (geometric centre where sampled in log)."""
+        out = {}
+        s = self.range_scale
+        for key, (lo, hi) in self.ranges.items():
+            if self.dist_type == "log_uniform" and key in LOG_SCALE_PARAMETERS and lo > 0:
+                centre = math.sqrt(lo * hi)
+                out[key] = (centre * (lo / centre) ** s, centre * (hi / centre) ** s)
+            else:
+                centre = (lo + hi) / 2
+                out[key] = (centre - s * (centre - lo), centre + s * (hi - centre))
+        return out
 
 
 class SupportConfig(_Strict):

@@ -320,7 +320,33 @@ class ParameterShiftCircuit(CircuitBackend):
 # Models
 
 
-class PolicyModel(nn.Module):
+class CircuitCounters:
+    """``circuit_evals`` and ``n_compiles`` of the model's circuit backend; 0 and None for a
+    classical model (no ``circuit``)."""
+
+    circuit: CircuitBackend | None = None
+
+    @property
+    def circuit_evals(self) -> int:
+        return self.circuit.circuit_evals if self.circuit is not None else 0
+
+    @property
+    def n_compiles(self) -> int | None:
+        return self.circuit.n_compiles if self.circuit is not None else None
+
+
+def initial_angles(shape, init: str, generator: torch.Generator) -> torch.Tensor:
+    """Variational angles: U(0, pi) (TFQ tutorial), N(0, 0.1^2) or zeros, drawn from ``generator``."""
+    if init == "uniform":
+        return torch.rand(shape, generator=generator, dtype=DTYPE) * math.pi
+    if init == "normal":
+        return 0.1 * torch.randn(shape, generator=generator, dtype=DTYPE)
+    if init == "zeros":
+        return torch.zeros(shape, dtype=DTYPE)
+    raise ValueError(f"init {init!r}; allowed: uniform, normal, zeros")
+
+
+class PolicyModel(CircuitCounters, nn.Module):
     """Maps observations ``(B, d)`` to action scores ``(B, A)`` (logits or Q-values).
 
     ``functional_forward(flat, obs)`` evaluates ``M`` parameter vectors at once, ``(M, P)`` ->
@@ -343,14 +369,6 @@ class PolicyModel(nn.Module):
 
     def normalise(self, obs: torch.Tensor) -> torch.Tensor:
         return obs.to(DTYPE) / self.input_scale
-
-    @property
-    def circuit_evals(self) -> int:
-        return 0
-
-    @property
-    def n_compiles(self) -> int | None:
-        return None
 
     def param_groups(self, lr) -> list[dict]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -406,15 +424,7 @@ class ReUploadingPQC(PolicyModel):
         self.beta = beta if head == "policy" else 1.0
         self.backend_name = circuit.name
         gen = torch.Generator().manual_seed(seed)
-        shape = (spec.n_layers + 1, spec.n_qubits, 3)
-        if init == "uniform":
-            theta = torch.rand(shape, generator=gen, dtype=DTYPE) * math.pi
-        elif init == "normal":
-            theta = 0.1 * torch.randn(shape, generator=gen, dtype=DTYPE)
-        elif init == "zeros":
-            theta = torch.zeros(shape, dtype=DTYPE)
-        else:
-            raise ValueError(f"init {init!r}; allowed: uniform, normal, zeros")
+        theta = initial_angles((spec.n_layers + 1, spec.n_qubits, 3), init, gen)
         self.theta = nn.Parameter(theta)
         self.input_scaling = nn.Parameter(torch.ones(spec.n_layers, spec.n_encoding, dtype=DTYPE))
         self.output_weights = nn.Parameter(torch.ones(len(spec.readouts), dtype=DTYPE))
@@ -422,14 +432,6 @@ class ReUploadingPQC(PolicyModel):
         self.register_buffer("feature_index", torch.tensor([spec.encoding_feature(k) for k in range(spec.n_encoding)]))
         self.register_buffer("readout_index", torch.tensor(spec.readout_index))
         self.register_buffer("readout_sign", torch.tensor(spec.readout_sign, dtype=DTYPE))
-
-    @property
-    def circuit_evals(self) -> int:
-        return self.circuit.circuit_evals
-
-    @property
-    def n_compiles(self) -> int | None:
-        return self.circuit.n_compiles
 
     def gate_angles(self, theta: torch.Tensor, input_scaling: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
         """Per-circuit gate angles ``(M*B, G)`` for ``M`` parameter sets and ``B`` observations."""

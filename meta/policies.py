@@ -24,10 +24,10 @@ import math
 import torch
 
 from config_schema import ExperimentConfig
-from models import CIRCUIT_BACKENDS, DTYPE, CircuitSpec
+from models import CIRCUIT_BACKENDS, DTYPE, CircuitCounters, CircuitSpec, initial_angles
 
 
-class PulsePolicy:
+class PulsePolicy(CircuitCounters):
     n_params: int
 
     def __init__(self, n_inputs: int, n_segments: int, max_amplitude: float):
@@ -42,14 +42,6 @@ class PulsePolicy:
     def pulses(self, params: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         raw = self.raw_outputs(params.to(DTYPE), inputs.to(DTYPE))
         return self.max_amplitude * torch.tanh(raw).reshape(params.shape[0], self.n_segments, 2)
-
-    @property
-    def circuit_evals(self) -> int:
-        return 0
-
-    @property
-    def n_compiles(self) -> int | None:
-        return None
 
 
 class MLPPulsePolicy(PulsePolicy):
@@ -101,23 +93,9 @@ class CircuitPulsePolicy(PulsePolicy):
         self.n_params = spec.n_theta + self.n_scaling + 2 * n_segments * self.n_obs + 2 * n_segments
         self.feature_index = torch.tensor([spec.encoding_feature(k) for k in range(spec.n_encoding)])
 
-    @property
-    def circuit_evals(self) -> int:
-        return self.circuit.circuit_evals
-
-    @property
-    def n_compiles(self) -> int | None:
-        return self.circuit.n_compiles
-
     def init_params(self, seed: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seed)
-        spec = self.spec
-        if self.init == "uniform":
-            theta = torch.rand(spec.n_theta, generator=gen, dtype=DTYPE) * math.pi
-        elif self.init == "normal":
-            theta = 0.1 * torch.randn(spec.n_theta, generator=gen, dtype=DTYPE)
-        else:
-            theta = torch.zeros(spec.n_theta, dtype=DTYPE)
+        theta = initial_angles(self.spec.n_theta, self.init, gen)
         scaling = torch.ones(self.n_scaling, dtype=DTYPE)
         bound = 1 / math.sqrt(self.n_obs)
         readout = (2 * torch.rand(2 * self.n_segments * self.n_obs, generator=gen, dtype=DTYPE) - 1) * bound

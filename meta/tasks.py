@@ -18,7 +18,7 @@ shots. The black-box estimators (SPSA, finite differences) see the noisy values 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -58,17 +58,14 @@ class QubitTasks:
     def select(self, index) -> QubitTasks:
         """Tasks at ``index`` (a tensor or list of positions, repeats allowed)."""
         index = torch.as_tensor(index, dtype=torch.long)
-        return QubitTasks(
-            [self.tasks[i] for i in index.tolist()],
-            self.inputs[index],
-            self.gamma_phi[index],
-            self.gamma_down[index],
-            self.gamma_up[index],
-            self.detuning[index],
-            self.target,
-            self.fidelity_kind,
-            self.support_states,
-            self.shots,
+        return replace(
+            self,
+            tasks=[self.tasks[i] for i in index.tolist()],
+            inputs=self.inputs[index],
+            gamma_phi=self.gamma_phi[index],
+            gamma_down=self.gamma_down[index],
+            gamma_up=self.gamma_up[index],
+            detuning=self.detuning[index],
         )
 
     def repeat_each(self, m: int) -> QubitTasks:

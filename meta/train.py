@@ -30,33 +30,12 @@ from config_schema import ExperimentConfig, NoiseConfig
 from meta.algorithms import Losses, TaskGradients, adapt, meta_gradient, per_task_optimum, robust_pulse
 from meta.policies import PulsePolicy, build_pulse_policy
 from meta.tasks import QubitTasks, TaskFactory
-from noise import PSDToLindblad, TaskDistribution
+from noise import PSDToLindblad
 from train import NonFiniteError
 from utils import seed_everything
 
 #: Offset of the seed of the held-out tasks: the same validation tasks for every backend and method.
 VALIDATION_SEED_OFFSET = 1_000_003
-LOG_SCALE = ("A", "omega_c", "A2", "omega_c2")
-
-
-def scaled_ranges(noise: NoiseConfig) -> dict[str, tuple[float, float]]:
-    """The ranges shrunk by ``range_scale`` about their centre (geometric centre where sampled in log)."""
-    out = {}
-    for key, (lo, hi) in noise.ranges.items():
-        s = noise.range_scale
-        if noise.dist_type == "log_uniform" and key in LOG_SCALE:
-            centre = math.sqrt(lo * hi)
-            out[key] = (centre * (lo / centre) ** s, centre * (hi / centre) ** s)
-        else:
-            centre = (lo + hi) / 2
-            out[key] = (centre - s * (centre - lo), centre + s * (hi - centre))
-    return out
-
-
-def task_distribution(noise: NoiseConfig, model_types: list[str] | None = None) -> TaskDistribution:
-    models = tuple(model_types or noise.model_types)
-    probs = tuple(noise.model_probs) if noise.model_probs is not None and model_types is None else None
-    return TaskDistribution(noise.dist_type, scaled_ranges(noise), models, probs)
 
 
 def converter_for(noise: NoiseConfig) -> PSDToLindblad:
@@ -66,7 +45,7 @@ def converter_for(noise: NoiseConfig) -> PSDToLindblad:
 
 def task_factory(exp: ExperimentConfig) -> TaskFactory:
     meta = exp.meta
-    return TaskFactory(task_distribution(meta.noise), converter_for(meta.noise), meta.target_gate, meta.task_input,
+    return TaskFactory(meta.noise.distribution(), converter_for(meta.noise), meta.target_gate, meta.task_input,
                        meta.fidelity, meta.support.states, meta.support.shots)
 
 
@@ -223,7 +202,7 @@ def train_meta(exp: ExperimentConfig, seed: int, reporter) -> MetaResult:
     val_rng = np.random.default_rng(seed + VALIDATION_SEED_OFFSET)
     val_tasks = factory.sample(meta.eval.n_tasks, val_rng)
     heldout_tasks = {
-        model: factory.make(task_distribution(meta.noise, [model]).sample(meta.eval.n_tasks, val_rng))
+        model: factory.make(meta.noise.distribution([model]).sample(meta.eval.n_tasks, val_rng))
         for model in (meta.eval.model_types or [])
     }
     reporter.tags({"n_params": str(policy.n_params), "task_inputs": str(factory.n_inputs)})

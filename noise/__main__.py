@@ -13,24 +13,20 @@ import numpy as np
 import torch
 
 from config_schema import ExperimentConfig, load_config
-from noise.simulator import average_gate_fidelity, simulate, target_unitary
+from noise.simulator import average_gate_fidelity, target_unitary
 
 QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
 
 
 def quantile_table(exp: ExperimentConfig, n: int = 20000, seed: int = 0) -> list[tuple[str, np.ndarray]]:
-    from meta.train import converter_for, task_distribution
+    from meta.train import task_factory
 
-    dist = task_distribution(exp.meta.noise)
-    tasks = dist.sample(n, np.random.default_rng(seed))
-    rates = converter_for(exp.meta.noise).rates(tasks)
+    tasks = task_factory(exp).sample(n, np.random.default_rng(seed))
     controls = torch.zeros(n, 1, 2, dtype=torch.float64)
     controls[..., 0] = math.pi
-    t = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.float64)  # noqa: E731
-    channel = simulate(controls, t(rates.gamma_phi), t(rates.gamma_down), t(rates.gamma_up), t([k.detuning for k in tasks]))
-    infidelity = 1 - average_gate_fidelity(channel, target_unitary("x")).numpy()
-    return [("gamma_phi (1/T)", np.quantile(rates.gamma_phi, QUANTILES)),
-            ("Gamma_down = Gamma_up (1/T)", np.quantile(rates.gamma_down, QUANTILES)),
+    infidelity = 1 - average_gate_fidelity(tasks.channel(controls), target_unitary("x")).numpy()
+    return [("gamma_phi (1/T)", np.quantile(tasks.gamma_phi.numpy(), QUANTILES)),
+            ("Gamma_down = Gamma_up (1/T)", np.quantile(tasks.gamma_down.numpy(), QUANTILES)),
             ("pi-pulse infidelity (X)", np.quantile(infidelity, QUANTILES))]
 
 

@@ -40,7 +40,7 @@ def double_exp(omega, A, omega_c, A2, omega_c2):
 
 def white(omega, S0):
     """S(omega) = S0 (1/T): delta-correlated noise, <xi(t) xi(0)> = S0 delta(t). Used by the tests."""
-    return np.broadcast_to(np.asarray(S0, dtype=np.float64), np.shape(omega)) + 0.0 * np.asarray(omega)
+    return np.full(np.shape(omega), S0, dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,8 @@ class TaskDistribution:
         needed = ["alpha", "A", "omega_c"] + (["A2", "omega_c2"] if "double_exp" in models else [])
         for key in needed:
             if key not in self.ranges:
-                raise ValueError(f"ranges: missing {key!r} (needed: {', '.join(needed)})")
+                why = "double_exp needs A2 and omega_c2" if key in ("A2", "omega_c2") else "needed: alpha, A, omega_c"
+                raise ValueError(f"ranges: missing {key!r} ({why})")
         for key, (lo, hi) in self.ranges.items():
             if key not in PARAMETERS:
                 raise ValueError(f"ranges: unknown parameter {key!r}; allowed: {', '.join(PARAMETERS)}")

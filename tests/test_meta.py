@@ -12,7 +12,7 @@ from test_run import run_py, runs_by_name
 from config_schema import ConfigError, load_config
 from meta.algorithms import Losses, TaskGradients, adapt, meta_gradient
 from meta.policies import build_pulse_policy
-from meta.train import scaled_ranges, task_factory
+from meta.train import task_factory
 from noise.simulator import average_gate_fidelity
 
 DETERMINISTIC_SUPPORT = {"states": 6, "shots": 0}  # exact: equals the query loss in value
@@ -159,7 +159,7 @@ def test_pulse_policies_agree_across_circuit_backends():
 def test_range_scale_shrinks_about_the_centre():
     exp, *_ = setup()
     cfg = exp.meta.noise.model_copy(update={"range_scale": 0.5})
-    r = scaled_ranges(cfg)
+    r = cfg.scaled_ranges()
     assert r["alpha"] == pytest.approx((0.875, 1.625))
     assert r["omega_c"] == pytest.approx((math.sqrt(0.1), math.sqrt(10.0)))  # log-uniform: geometric centre 1
 
