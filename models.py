@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -100,23 +101,32 @@ class CircuitSpec:
     def encoding_index(self, layer: int, k: int) -> int:
         return self.n_theta + layer * self.n_encoding + k
 
-    def gates(self):
+    def rotation_ops(self, first_angle: int) -> list[tuple[str, tuple[int, ...], int | None]]:
+        """Rx Ry Rz on every qubit, angles ``first_angle + 3*qubit + axis``."""
+        return [(kind, (q,), first_angle + q * 3 + axis) for q in range(self.n_qubits) for axis, kind in enumerate(("rx", "ry", "rz"))]
+
+    def entangling_ops(self) -> list[tuple[str, tuple[int, ...], int | None]]:
+        return [("cz", pair, None) for pair in self.ring]
+
+    def encoding_ops(self, first_angle: int) -> list[tuple[str, tuple[int, ...], int | None]]:
+        """Rx(lambda * s) encodings, angles ``first_angle + k``."""
+        return [("rx", (self.encoding_qubit(k),), first_angle + k) for k in range(self.n_encoding)]
+
+    def layer_ops(self) -> list[tuple[str, tuple[int, ...], int | None]]:
+        """One re-uploading layer on its own angle vector: 3n rotation angles, then the encodings."""
+        return self.rotation_ops(0) + self.entangling_ops() + self.encoding_ops(3 * self.n_qubits)
+
+    def gates(self) -> list[tuple[str, tuple[int, ...], int | None]]:
         """The circuit as a list of ``(kind, wires, angle_index)``; kind in rx, ry, rz, cz.
 
-        Both backends build their circuits from this list, so they cannot drift apart.
+        Both backends build their circuits from these pieces, so they cannot drift apart.
         """
         ops = []
-        for layer in range(self.n_layers + 1):
-            for q in range(self.n_qubits):
-                for axis, kind in enumerate(("rx", "ry", "rz")):
-                    ops.append((kind, (q,), self.theta_index(layer, q, axis)))
-            if layer == self.n_layers:
-                break
-            for a, b in self.ring:
-                ops.append(("cz", (a, b), None))
-            for k in range(self.n_encoding):
-                ops.append(("rx", (self.encoding_qubit(k),), self.encoding_index(layer, k)))
-        return ops
+        for layer in range(self.n_layers):
+            ops += self.rotation_ops(self.theta_index(layer, 0, 0))
+            ops += self.entangling_ops()
+            ops += self.encoding_ops(self.encoding_index(layer, 0))
+        return ops + self.rotation_ops(self.theta_index(self.n_layers, 0, 0))
 
 
 def parse_observable(text: str) -> tuple[float, tuple[int, ...]]:
@@ -149,9 +159,12 @@ class CircuitBackend:
         self.spec = spec
         self.circuit_evals = 0
 
+    #: Wall seconds of the calls that compiled (None for backends that do not compile).
+    compile_s: float | None = None
+
     @property
     def n_compiles(self) -> int | None:
-        """Distinct compiled batch shapes (None for backends that do not compile)."""
+        """XLA compilations triggered (None for backends that do not compile)."""
         return None
 
     def __call__(self, gate_angles: torch.Tensor) -> torch.Tensor:
@@ -167,8 +180,11 @@ class CircuitBackend:
 class PennyLaneCircuit(CircuitBackend):
     """A torch-interface QNode with parameter broadcasting over the batch of gate angles.
 
-    ``diff_method`` is passed to the QNode (backprop or adjoint). Adjoint does not vectorise:
-    PennyLane splits a broadcast batch into one simulation per row. PennyLane's own
+    ``diff_method`` is passed to the QNode (backprop or adjoint). lightning.qubit does not
+    vectorise: PennyLane splits a broadcast batch into one simulation per row (about 4 ms each
+    here, against 15 ms for 32 rows broadcast on default.qubit), so on lightning.qubit the calls
+    that need no gradient (action selection, DQN targets, estimator batches) with more than one
+    row go to a default.qubit QNode; gradients stay with the configured device. PennyLane's own
     parameter-shift transform refuses gradients with respect to broadcast trainable parameters
     (PennyLane #4462, still so in 0.45.1), and every gate angle here is per-sample and trainable,
     so parameter shift wraps this backend in :class:`ParameterShiftCircuit` instead.
@@ -196,9 +212,17 @@ class PennyLaneCircuit(CircuitBackend):
             return [qml.expval(qml.prod(*[qml.Z(q) for q in qubits])) for qubits in observables]
 
         self._qnode = qml.QNode(circuit, dev, interface="torch", diff_method=diff_method)
+        self._broadcast_qnode = None
+        if device_name == "lightning.qubit":
+            broadcasting = qml.device("default.qubit", wires=spec.n_qubits)
+            self._broadcast_qnode = qml.QNode(circuit, broadcasting, interface="torch", diff_method=None)
 
     def _evaluate(self, gate_angles: torch.Tensor) -> torch.Tensor:
-        out = self._qnode(gate_angles)
+        qnode = self._qnode
+        needs_grad = torch.is_grad_enabled() and gate_angles.requires_grad
+        if self._broadcast_qnode is not None and not needs_grad and gate_angles.shape[0] > 1:
+            qnode = self._broadcast_qnode
+        out = qnode(gate_angles)
         out = torch.stack(list(out), dim=-1) if isinstance(out, (list, tuple)) else out[..., None]
         return out.reshape(gate_angles.shape[0], len(self.spec.observables))
 
@@ -206,9 +230,9 @@ class PennyLaneCircuit(CircuitBackend):
 def enable_jax_compilation_cache() -> None:
     """Keep XLA executables on disk so later processes skip compilation.
 
-    Compiling the vector-Jacobian product of a 4-qubit, 5-layer circuit takes about 20 s of XLA
-    time per batch shape on one core; with the cache, a later run of the same circuit and shape
-    loads it in milliseconds. Location: $QMLBENCH_JAX_CACHE, else ~/.cache/qmlbench/jax.
+    Location: $QMLBENCH_JAX_CACHE, else ~/.cache/qmlbench/jax. A later process loads an
+    executable it has seen in milliseconds instead of compiling it again (0.5-3 s per shape
+    for the scanned 4-qubit circuit on one core; see :class:`TensorCircuitCircuit`).
     """
     import jax
 
@@ -217,79 +241,171 @@ def enable_jax_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def _bucket(n: int) -> int:
-    """Smallest power of two >= n: batch sizes are padded to these so jit compiles few shapes."""
-    return 1 << max(0, (n - 1).bit_length())
+class JaxCompileMonitor:
+    """Counts XLA compilations in this process (loads from the persistent cache included),
+    through ``jax.monitoring``: the one place that sees every compile, whoever triggered it."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+    compiles = 0
+    _installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        if not cls._installed:
+            from jax import monitoring
+
+            monitoring.register_event_duration_secs_listener(cls._on_event)
+            cls._installed = True
+
+    @classmethod
+    def _on_event(cls, event: str, duration: float, **kwargs) -> None:  # noqa: ARG003
+        if event == cls.EVENT:
+            cls.compiles += 1
+
+
+#: Batches of up to SMALL_BATCH circuits are padded to the next power of two; larger ones are cut
+#: into chunks of exactly CHUNK circuits (the last one padded). A run therefore meets the same
+#: few shapes from its first update on (rollouts and DQN batches are small and fixed; recorded
+#: REINFORCE batches and estimator batches are large), and nothing compiles after warm-up.
+SMALL_BATCH = 64
+CHUNK = 1024
+
+
+def padded_chunks(n: int) -> list[tuple[int, int, int]]:
+    """``(start, stop, padded size)`` of every jitted call that evaluates ``n`` circuits."""
+    if n <= SMALL_BATCH:
+        return [(0, n, 1 << max(0, (n - 1).bit_length()))]
+    return [(start, min(start + CHUNK, n), CHUNK) for start in range(0, n, CHUNK)]
+
+
+def _apply_ops(circuit, ops, angles) -> None:
+    for kind, wires, idx in ops:
+        if kind == "cz":
+            circuit.cz(*wires)
+        else:
+            getattr(circuit, kind)(wires[0], theta=angles[idx])
+
+
+class _JaxCircuitFunction(torch.autograd.Function):
+    """torch autograd around the jitted forward and vector-Jacobian product of a TensorCircuit
+    backend (what ``tc.interfaces.torch_interface`` does, plus padding, chunking and compile
+    accounting)."""
+
+    @staticmethod
+    def forward(ctx, angles: torch.Tensor, backend: TensorCircuitCircuit) -> torch.Tensor:
+        ctx.backend = backend
+        ctx.save_for_backward(angles)
+        return backend._run(backend._jit_forward, angles)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (angles,) = ctx.saved_tensors
+        return ctx.backend._run(ctx.backend._jit_vjp, angles, grad_output), None
 
 
 class TensorCircuitCircuit(CircuitBackend):
     """TensorCircuit-NG state-vector circuit, vmapped over the batch.
 
-    jax: ``jit(vmap(circuit))`` wrapped for torch by ``tc.interfaces.torch_interface``; batches
-    are zero-padded to a power of two (and split into chunks of at most ``max_chunk``) so only a
-    handful of shapes are ever compiled; ``compiled_shapes`` records them. pytorch: the same
-    circuit vmapped with torch.func, differentiated by torch autograd.
+    jax: the re-uploading layers run under ``jax.lax.scan`` (TensorCircuit's recipe for short
+    jit times: XLA compiles one layer, not L unrolled copies; the vector-Jacobian product of the
+    4-qubit, 5-layer circuit compiles in about 2.5 s instead of 20 s on one core), ``jit(vmap)``
+    for the forward pass and for the vector-Jacobian product, batches padded by
+    :func:`padded_chunks`. ``n_compiles`` / ``compile_s`` count the XLA compilations this
+    backend triggered and the wall time of the calls that compiled. pytorch: the same gate list
+    unrolled, vmapped with torch.func and differentiated by torch autograd (twice if asked: MAML).
     """
 
     name = "tensorcircuit"
-    max_chunk = 1 << 15
 
     def __init__(self, spec: CircuitSpec, math_backend: str = "jax"):
         super().__init__(spec)
         import tensorcircuit as tc
 
         self.math_backend = math_backend
-        self.compiled_shapes: set[int] = set()
-        gates = spec.gates()
+        self._n_compiles = 0
+        self.compile_s = 0.0 if math_backend == "jax" else None
         observables = spec.observables
+        # Process-wide (TensorCircuit's dtype also switches jax's x64 mode): every model here is complex128.
+        tc.set_dtype("complex128")
 
-        def single(angles):
-            K = tc.backend
-            c = tc.Circuit(spec.n_qubits)
-            for kind, wires, idx in gates:
-                if kind == "cz":
-                    c.cz(*wires)
-                else:
-                    getattr(c, kind)(wires[0], theta=angles[idx])
-            return K.stack([K.real(c.expectation_ps(z=list(q))) for q in observables])
+        def readout(c):
+            return tc.backend.stack([tc.backend.real(c.expectation_ps(z=list(q))) for q in observables])
 
         if math_backend == "jax":
             import jax
+            import jax.numpy as jnp
 
             jax.config.update("jax_enable_x64", True)
             enable_jax_compilation_cache()
-            # torch_interface converts and differentiates with the *global* backend.
-            tc.set_backend("jax")
-            tc.set_dtype("complex128")
-            self._fn = tc.interfaces.torch_interface(tc.backend.vmap(single, vectorized_argnums=0), jit=True)
+            JaxCompileMonitor.install()
+            n, n_layers = spec.n_qubits, spec.n_layers
+            layer_ops, final_ops = spec.layer_ops(), spec.rotation_ops(0)
+
+            def single(angles):
+                with tc.runtime_backend("jax"):
+                    theta = angles[: spec.n_theta].reshape(n_layers + 1, 3 * n)
+                    encoding = angles[spec.n_theta :].reshape(n_layers, spec.n_encoding)
+
+                    def layer(state, layer_angles):
+                        c = tc.Circuit(n, inputs=state)
+                        _apply_ops(c, layer_ops, layer_angles)
+                        return c.state(), None
+
+                    state, _ = jax.lax.scan(layer, tc.Circuit(n).state(), jnp.concatenate([theta[:n_layers], encoding], axis=1))
+                    c = tc.Circuit(n, inputs=state)
+                    _apply_ops(c, final_ops, theta[n_layers])
+                    return readout(c)
+
+            batched = jax.vmap(single)
+            self._jit_forward = jax.jit(batched)
+            self._jit_vjp = jax.jit(lambda x, v: jax.vjp(batched, x)[1](v)[0])
         elif math_backend == "pytorch":
+            gates = spec.gates()
+
+            def single_torch(angles):
+                c = tc.Circuit(spec.n_qubits)
+                _apply_ops(c, gates, angles)
+                return readout(c)
+
             with tc.runtime_backend("pytorch") as K:
-                batched = K.vmap(single, vectorized_argnums=0)
+                batched_torch = K.vmap(single_torch, vectorized_argnums=0)
 
             def in_torch_backend(angles):
-                with tc.runtime_backend("pytorch"), tc.runtime_dtype("complex128"):
-                    return batched(angles)
+                with tc.runtime_backend("pytorch"):
+                    return batched_torch(angles)
 
-            self._fn = in_torch_backend
+            self._torch_fn = in_torch_backend
         else:
             raise ValueError(f"tensorcircuit math backend {math_backend!r}; allowed: jax, pytorch")
 
     @property
     def n_compiles(self) -> int | None:
-        return len(self.compiled_shapes) if self.math_backend == "jax" else None
+        return self._n_compiles if self.math_backend == "jax" else None
 
     def _evaluate(self, gate_angles: torch.Tensor) -> torch.Tensor:
         if self.math_backend == "pytorch":
-            return self._fn(gate_angles)
+            return self._torch_fn(gate_angles)
+        return _JaxCircuitFunction.apply(gate_angles, self)
+
+    def _run(self, jitted: Callable, *arrays: torch.Tensor) -> torch.Tensor:
+        """Call ``jitted`` on every padded chunk of the row-aligned ``arrays``; rows joined back."""
+        import jax
+        import numpy as np
+
+        device = arrays[0].device
+        host = [a.detach().to("cpu", torch.float64).numpy() for a in arrays]
         outs = []
-        for chunk in torch.split(gate_angles, self.max_chunk):
-            n = chunk.shape[0]
-            size = _bucket(n)
-            self.compiled_shapes.add(size)
-            if size != n:
-                chunk = torch.cat([chunk, chunk.new_zeros(size - n, chunk.shape[1])])
-            outs.append(self._fn(chunk)[:n])
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
+        for start, stop, size in padded_chunks(host[0].shape[0]):
+            chunk = [np.zeros((size, *a.shape[1:])) for a in host]
+            for padded, a in zip(chunk, host):
+                padded[: stop - start] = a[start:stop]
+            before, t0 = JaxCompileMonitor.compiles, time.perf_counter()
+            result = jax.block_until_ready(jitted(*chunk))
+            if JaxCompileMonitor.compiles != before:
+                self._n_compiles += JaxCompileMonitor.compiles - before
+                self.compile_s += time.perf_counter() - t0
+            outs.append(np.asarray(result)[: stop - start])
+        return torch.from_numpy(np.concatenate(outs)).to(device)
 
 
 class ParameterShiftCircuit(CircuitBackend):
@@ -308,6 +424,10 @@ class ParameterShiftCircuit(CircuitBackend):
     def n_compiles(self) -> int | None:
         return self.inner.n_compiles
 
+    @property
+    def compile_s(self) -> float | None:  # type: ignore[override]
+        return self.inner.compile_s
+
     def __call__(self, gate_angles: torch.Tensor) -> torch.Tensor:
         def evaluate(angles: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
@@ -321,8 +441,8 @@ class ParameterShiftCircuit(CircuitBackend):
 
 
 class CircuitCounters:
-    """``circuit_evals`` and ``n_compiles`` of the model's circuit backend; 0 and None for a
-    classical model (no ``circuit``)."""
+    """``circuit_evals``, ``n_compiles`` and ``compile_s`` of the model's circuit backend; 0, None
+    and None for a classical model (no ``circuit``)."""
 
     circuit: CircuitBackend | None = None
 
@@ -333,6 +453,10 @@ class CircuitCounters:
     @property
     def n_compiles(self) -> int | None:
         return self.circuit.n_compiles if self.circuit is not None else None
+
+    @property
+    def compile_s(self) -> float | None:
+        return self.circuit.compile_s if self.circuit is not None else None
 
 
 def initial_angles(shape, init: str, generator: torch.Generator) -> torch.Tensor:

@@ -20,13 +20,14 @@ import csv
 import io
 import multiprocessing as mp
 import os
-import queue as queue_module
 import signal
 import sys
 import tempfile
 import time
 import traceback
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as wait_for_any
 from pathlib import Path
 
 import yaml
@@ -37,7 +38,18 @@ from utils import flatten_dict, get_or_create_experiment, git_commit, library_ve
 #: Test hook: ``NAME:hang`` or ``NAME:raise`` (comma-separated) makes the worker of run NAME block
 #: forever inside a C call or raise, after it has logged its first episode.
 FAULT_ENV = "QMLBENCH_INJECT_FAULT"
-PRELOAD = ["train", "models", "gradients", "meta.train", "mlflow", "pennylane", "tensorcircuit", "matplotlib.pyplot"]
+PRELOAD = [
+    "train",
+    "models",
+    "gradients",
+    "meta.train",
+    "mlflow",
+    "mlflow.store.tracking.sqlalchemy_store",  # 0.7 s of imports on a worker's first MLflow call otherwise
+    "mlflow.store.tracking.rest_store",
+    "pennylane",
+    "tensorcircuit",
+    "matplotlib.pyplot",
+]
 STATUSES = ("PASSED", "FAILED", "TIMED_OUT", "KILLED")
 MLFLOW_STATUS = {"PASSED": "FINISHED", "FAILED": "FAILED", "TIMED_OUT": "KILLED", "KILLED": "KILLED"}
 #: The metric that shows a run's progress (comparison plot; last value of a run that did not pass).
@@ -92,7 +104,7 @@ class _WorkerReporter:
             self.client.set_tag(self.run_id, key, value)
 
     def progress(self, episode: int, total: int, avg_return: float) -> None:
-        self.events.put(("progress", episode, total, avg_return))
+        self.events.send(("progress", episode, total, avg_return))
         if self.fault is not None and episode >= 1:
             self.fault(episode)
 
@@ -129,7 +141,8 @@ def _log_figure(client, run_id: str, fig, artifact_file: str) -> None:
     plt.close(fig)
 
 
-def _worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_id: str, events) -> None:
+def _worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_id: str, events: Connection) -> None:
+    """Train one run; ``events`` (the sending end of a pipe) carries progress, then the result or the error."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C for the sweep
     import torch
 
@@ -147,13 +160,13 @@ def _worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_id:
             client.log_artifact(run_id, str(weights), "model")
         for artifact, fig in result.figures(run_name).items():
             _log_figure(client, run_id, fig, artifact)
-        events.put(("done", result.summary()))
+        events.send(("done", result.summary()))
     except BaseException as exc:  # noqa: BLE001 - recorded as FAILED by the parent, never swallowed
         message = f"{type(exc).__name__}: {exc}"
         try:
             client.log_text(run_id, traceback.format_exc(), "traceback.txt")
         finally:
-            events.put(("error", message))
+            events.send(("error", message))
         sys.exit(1)
 
 
@@ -358,6 +371,10 @@ class Sweep:
             os.environ["PYTHONPATH"] = os.pathsep.join([project, *filter(None, paths)])
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(PRELOAD)
+        # Start it now: its imports (several seconds) overlap the parent's MLflow set-up.
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
         return ctx
 
     def _create_child(self, client, experiment_id: str, spec: RunSpec) -> str:
@@ -394,7 +411,7 @@ class Sweep:
 
     def _execute(self, ctx, client, experiment_id: str, spec: RunSpec, display: _Display) -> RunOutcome:
         run_id = self._create_child(client, experiment_id, spec)
-        events = ctx.Queue()
+        receiver, events = ctx.Pipe(duplex=False)
         proc = ctx.Process(
             target=_worker,
             args=(spec.exp.model_dump(mode="json"), spec.seed, spec.name, self.tracking_uri, run_id, events),
@@ -416,19 +433,22 @@ class Sweep:
         deadline = start + spec.exp.timeout_s
         try:
             proc.start()  # inside the try: the first start waits for the forkserver to preload, Ctrl-C may come then
+            events.close()  # the worker holds the sending end now: its exit shows here as end of file
             while True:
                 try:
-                    handle(events.get(timeout=min(0.2, max(0.01, deadline - time.monotonic()))))
-                    continue
-                except queue_module.Empty:
-                    pass
-                if not proc.is_alive():
+                    while receiver.poll():
+                        handle(receiver.recv())
+                except EOFError:  # the worker has exited and everything it sent is handled
+                    break
+                if not proc.is_alive() and not receiver.poll():
                     break
                 if time.monotonic() >= deadline:
                     outcome.status = "TIMED_OUT"
                     outcome.error = f"exceeded timeout_s={spec.exp.timeout_s:g} at episode {outcome.episodes_done}"
                     _stop(proc)
                     break
+                # Sleep until a message, the worker's exit or the deadline, whichever comes first.
+                wait_for_any([receiver, proc.sentinel], timeout=max(0.0, deadline - time.monotonic()))
         except KeyboardInterrupt:
             _stop(proc)
             self.interrupted = True
@@ -437,8 +457,8 @@ class Sweep:
         if proc.pid is not None:  # started
             proc.join()
         outcome.wall_s = time.monotonic() - start
+        receiver.close()  # (a killed writer may have left half a message: it is not read)
         if outcome.status not in ("TIMED_OUT", "KILLED"):  # the worker ended on its own
-            _drain(events, handle)  # (a killed writer may have left half a message: not read then)
             result, error = received.get("done"), received.get("error")
             if result is not None and proc.exitcode == 0:
                 outcome.status = "PASSED"
@@ -522,11 +542,3 @@ def _stop(proc) -> None:
         proc.join(1.0)
     if proc.is_alive():
         proc.kill()
-
-
-def _drain(events, handle) -> None:
-    while True:
-        try:
-            handle(events.get_nowait())
-        except (queue_module.Empty, EOFError, OSError):
-            return

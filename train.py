@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import gymnasium as gym
@@ -68,7 +68,7 @@ class TrainResult:
     total_circuit_evals: int
     wall_s: float
     model: PolicyModel
-    extra: dict[str, float] = field(default_factory=dict)
+    compiles_after_warmup: int | None = None
 
     @property
     def final_avg_return(self) -> float:
@@ -89,8 +89,9 @@ class TrainResult:
             "final/total_circuit_evals": self.total_circuit_evals,
             "final/train_s": self.wall_s,
         }
-        if self.model.n_compiles is not None:
-            metrics["time/n_compiles"] = self.model.n_compiles
+        metrics.update(compile_metrics(self.model))
+        if self.compiles_after_warmup is not None:
+            metrics["time/compiles_after_warmup"] = self.compiles_after_warmup
         return metrics
 
     def summary(self) -> dict:
@@ -108,6 +109,13 @@ class TrainResult:
 
     def figures(self, title: str) -> dict:
         return {"learning_curve.png": learning_curve_figure(self.episode_returns, title)}
+
+
+def compile_metrics(model) -> dict[str, float]:
+    """``time/n_compiles`` and ``time/compile_s`` so far, for models whose circuits compile."""
+    if model.n_compiles is None:
+        return {}
+    return {"time/n_compiles": model.n_compiles, "time/compile_s": model.compile_s}
 
 
 def learning_curve_figure(returns: list[float], title: str):
@@ -140,6 +148,14 @@ class GradientStep:
         if exp.gradient == "spsa":
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.spsa_gains.a_k)
         self.k = 0
+        self.compiles_at_warmup: int | None = None
+
+    @property
+    def compiles_after_warmup(self) -> int | None:
+        """Compilations since the end of the first update (the warm-up); None if nothing compiles."""
+        if self.model.n_compiles is None or self.compiles_at_warmup is None:
+            return None
+        return self.model.n_compiles - self.compiles_at_warmup
 
     def __call__(self, obs: torch.Tensor, loss_of_outputs: OutputLoss, where: str) -> dict[str, float]:
         model, exp = self.model, self.exp
@@ -175,6 +191,8 @@ class GradientStep:
         if self.scheduler is not None:
             self.scheduler.step()
         self.k += 1
+        if self.k == 1:
+            self.compiles_at_warmup = model.n_compiles
         if not all(torch.isfinite(p).all() for p in params):
             raise NonFiniteError(f"non-finite parameter at {where}")
         return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "circuit_evals": model.circuit_evals - evals_before}
@@ -251,8 +269,8 @@ def train_reinforce(exp: ExperimentConfig, seed: int, reporter: Reporter) -> Tra
             batch_steps = 0
             while active.any():
                 idx = np.flatnonzero(active)
-                with torch.no_grad():
-                    probs = torch.softmax(model(_as_tensor(obs[idx], device)), dim=-1).cpu()
+                with torch.no_grad():  # every env each step: one fixed batch shape (finished ones are ignored)
+                    probs = torch.softmax(model(_as_tensor(obs, device)), dim=-1).cpu()[idx]
                 chosen = torch.multinomial(probs, 1, generator=action_gen)[:, 0].numpy()
                 actions = np.zeros(n_envs, dtype=np.int64)
                 actions[idx] = chosen
@@ -289,6 +307,7 @@ def train_reinforce(exp: ExperimentConfig, seed: int, reporter: Reporter) -> Tra
                             "grad/norm": stats["grad_norm"],
                             "grad/circuit_evals": stats["circuit_evals"],
                             "time/env_steps_per_s": batch_steps / dt,
+                            **compile_metrics(model),
                         }
                     )
                 reporter.metrics(values, step=ep)
@@ -299,7 +318,14 @@ def train_reinforce(exp: ExperimentConfig, seed: int, reporter: Reporter) -> Tra
     finally:
         envs.close()
     return TrainResult(
-        returns_all, env_steps, step.k, grad_evals, model.circuit_evals, time.perf_counter() - t_start, model
+        returns_all,
+        env_steps,
+        step.k,
+        grad_evals,
+        model.circuit_evals,
+        time.perf_counter() - t_start,
+        model,
+        step.compiles_after_warmup,
     )
 
 
@@ -408,6 +434,7 @@ def train_dqn(exp: ExperimentConfig, seed: int, reporter: Reporter) -> TrainResu
                 "grad/circuit_evals": ep_evals,
                 "time/episode_s": dt,
                 "time/env_steps_per_s": ep_steps / dt,
+                **compile_metrics(model),
             }
             if losses:
                 values["train/loss"] = float(np.mean(losses))
@@ -420,7 +447,14 @@ def train_dqn(exp: ExperimentConfig, seed: int, reporter: Reporter) -> TrainResu
     finally:
         env.close()
     return TrainResult(
-        returns_all, env_steps, step.k, grad_evals, model.circuit_evals, time.perf_counter() - t_start, model
+        returns_all,
+        env_steps,
+        step.k,
+        grad_evals,
+        model.circuit_evals,
+        time.perf_counter() - t_start,
+        model,
+        step.compiles_after_warmup,
     )
 
 

@@ -31,7 +31,7 @@ from meta.algorithms import Losses, TaskGradients, adapt, meta_gradient, per_tas
 from meta.policies import PulsePolicy, build_pulse_policy
 from meta.tasks import QubitTasks, TaskFactory
 from noise import PSDToLindblad
-from train import NonFiniteError
+from train import NonFiniteError, compile_metrics
 from utils import seed_everything
 
 #: Offset of the seed of the held-out tasks: the same validation tasks for every backend and method.
@@ -131,8 +131,7 @@ class MetaResult:
                 m[f"final/heldout/{model}/fidelity_robust"] = float(hev.robust.mean())
             if hev.optimum is not None:
                 m[f"final/heldout/{model}/fidelity_optimum"] = float(hev.optimum.mean())
-        if self.policy.n_compiles is not None:
-            m["time/n_compiles"] = self.policy.n_compiles
+        m.update(compile_metrics(self.policy))
         return m
 
     @property

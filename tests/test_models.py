@@ -7,7 +7,15 @@ import pytest
 import torch
 from conftest import experiment
 
-from models import CircuitSpec, build_model, circuit_spec, default_observables, parse_observable, pennylane_device_for
+from models import (
+    CircuitSpec,
+    build_model,
+    circuit_spec,
+    default_observables,
+    padded_chunks,
+    parse_observable,
+    pennylane_device_for,
+)
 
 OBS = torch.tensor([[0.02, 0.3, -0.04, -0.5], [1.5, -1.0, 0.18, 2.0], [-0.7, 0.1, 0.0, 0.9]], dtype=torch.float64)
 
@@ -91,14 +99,34 @@ def test_functional_forward_matches_forward_for_every_backend():
         assert not torch.allclose(out[1], out[0])
 
 
-def test_tensorcircuit_pads_batches_to_few_shapes():
+def test_padded_chunks():
+    assert padded_chunks(1) == [(0, 1, 1)] and padded_chunks(5) == [(0, 5, 8)] and padded_chunks(64) == [(0, 64, 64)]
+    assert padded_chunks(65) == [(0, 65, 1024)]
+    assert padded_chunks(2500) == [(0, 1024, 1024), (1024, 2048, 1024), (2048, 2500, 1024)]
+
+
+def test_tensorcircuit_compiles_each_shape_once_and_chunks_exactly():
+    """Forward and vector-Jacobian product compile once per padded shape, whatever the batch; padded
+    and chunked batches give the same outputs and gradients as PennyLane."""
+    rng = np.random.default_rng(0)
     exp = experiment(backend="tensorcircuit", gradient="backprop", model={"n_qubits": 2, "n_layers": 1})
     model = build_model(exp, 4, 2, seed=0)
-    rng = np.random.default_rng(0)
-    for n in (1, 3, 4, 5, 7, 8, 100):
-        model(torch.as_tensor(rng.normal(size=(n, 4))))
-    assert model.circuit.compiled_shapes == {1, 4, 8, 128}
-    assert model.circuit_evals == 1 + 3 + 4 + 5 + 7 + 8 + 100  # padding is not counted
+    sizes = (1, 3, 4, 5, 7, 8, 100, 1500)  # padded to 1, 4, 8, 8, 8, 8, 1024, 2 x 1024
+    for _ in range(2):
+        with torch.no_grad():
+            for n in sizes:
+                model(torch.as_tensor(rng.normal(size=(n, 4))))
+    assert model.n_compiles == 4  # forward at 1, 4, 8, 1024
+    assert model.circuit_evals == 2 * sum(sizes)  # padding is not counted
+    obs = torch.as_tensor(rng.normal(size=(1500, 4)))
+    reference = build_model(experiment(backend="pennylane", gradient="backprop", model={"n_qubits": 2, "n_layers": 1}), 4, 2, seed=0)
+    for m in (model, reference):
+        (m(obs) * torch.tensor([1.0, -2.0])).sum().backward()
+    assert model.n_compiles == 5  # + the vector-Jacobian product at 1024
+    for p, p0 in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(p.grad, p0.grad, atol=1e-9, rtol=0)
+    model(obs[:100]).sum().backward()
+    assert model.n_compiles == 5 and model.compile_s > 0
 
 
 def test_pennylane_device_choice():
@@ -113,3 +141,13 @@ def test_circuit_spec_rejects_wrong_observable_count():
     exp = experiment(backend="pennylane", gradient="backprop", model={"observables": ["Z0", "Z1"]})
     with pytest.raises(ValueError, match="observables"):
         circuit_spec(exp, 4, 3)
+
+
+def test_pennylane_adjoint_forward_without_gradient_broadcasts_with_the_same_values():
+    """lightning.qubit splits broadcast batches; gradient-free calls go to default.qubit broadcasting."""
+    model = build_model(experiment(backend="pennylane", gradient="adjoint", algorithm="dqn"), 4, 2, seed=3)
+    with torch.no_grad():
+        broadcast = model(OBS)
+    per_row = model(OBS).detach()  # grad enabled: lightning.qubit, one simulation per row
+    assert torch.allclose(broadcast, per_row, atol=1e-10, rtol=0)
+    assert model.circuit._broadcast_qnode.device.name == "default.qubit"

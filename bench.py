@@ -1,0 +1,467 @@
+"""Where each backend and gradient method stands, measured side by side in one process.
+
+    python bench.py                    # every section (about 6 minutes on the 2-core machine)
+    python bench.py --quick            # small sizes: a check that everything runs (about 1 minute)
+    python bench.py --sections forward gradient
+
+Sections (all on the published REINFORCE policy of configs/cartpole_reinforce.yaml: 4 qubits,
+5 layers, 94 parameters; the classical baseline is its MLP):
+
+- ``forward``: one policy forward without gradient at batch 1, 10, 100, 1000, per backend x method.
+- ``gradient``: one gradient step on a recorded batch of 1000 CartPole transitions (REINFORCE
+  loss), with the circuits it executes.
+- ``scaling``: 2 to 12 qubits at the same depth for the fastest gradient method of each quantum
+  backend (fastest in the gradient section), batch 100: the first call (for TensorCircuit, the
+  XLA compilation, into an empty cache) apart from the steady state.
+- ``throughput``: CartPole REINFORCE training, environment steps per second (with and without
+  the compile time), per backend x method.
+
+Times are medians over repeated calls after one warm-up call; ratios are to the classical
+baseline measured in the same process. Results go to ``--out`` (bench.md, one CSV per section,
+bench.png) and to one run of the MLflow experiment ``benchmarks``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+REFERENCE_CONFIG = ROOT / "configs" / "cartpole_reinforce.yaml"
+SECTIONS = ("forward", "gradient", "scaling", "throughput")
+EXPERIMENT_NAME = "benchmarks"
+
+
+class Sizes:
+    def __init__(self, quick: bool):
+        self.forward_batches = (1, 10, 100) if quick else (1, 10, 100, 1000)
+        self.gradient_batch = 100 if quick else 1000
+        self.qubits = (2, 4) if quick else (2, 4, 6, 8, 10, 12)
+        self.scaling_batch = 20 if quick else 100
+        self.throughput_episodes = 10 if quick else 30
+        self.budget_s = 0.3 if quick else 2.0  # time spent repeating one measurement (at least 3 calls)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median_time(fn: Callable[[], object], budget_s: float, min_calls: int = 3, max_calls: int = 50) -> tuple[float, float]:
+    """(first call, median of the following calls): repeats until ``budget_s`` is spent."""
+    first = timed(fn)
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < min_calls or (spent < budget_s and len(times) < max_calls):
+        times.append(timed(fn))
+        spent += times[-1]
+    return first, statistics.median(times)
+
+
+def reference_experiment(backend: str, gradient: str, **fields):
+    """The published REINFORCE configuration on ``backend`` with ``gradient``."""
+    from config_schema import load_config
+
+    raw = yaml.safe_load(REFERENCE_CONFIG.read_text())
+    raw["experiments"] = [{"name": f"{backend}_{gradient}", "backend": backend, "gradient": gradient, **fields}]
+    return load_config(raw=raw).experiments[0]
+
+
+def pairs() -> list[tuple[str, str]]:
+    from config_schema import BACKENDS, SUPPORTED_GRADIENTS
+
+    return [(b, g) for b in BACKENDS for g in SUPPORTED_GRADIENTS[b]]
+
+
+def recorded_batch(n_transitions: int, seed: int = 0):
+    """``n_transitions`` CartPole transitions of a uniformly random policy with their REINFORCE
+    targets (returns-to-go, standardised per episode): observations, actions, returns, episodes."""
+    import gymnasium as gym
+
+    from train import ENV_ID, discounted_returns
+
+    env = gym.make(ENV_ID)
+    rng = np.random.default_rng(seed)
+    obs_all, act_all, ret_all, episodes = [], [], [], 0
+    obs, _ = env.reset(seed=seed)
+    while len(obs_all) < n_transitions:
+        rewards = []
+        done = False
+        while not done:
+            action = int(rng.integers(2))
+            obs_all.append(obs)
+            act_all.append(action)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            rewards.append(reward)
+            done = terminated or truncated
+        g = discounted_returns(np.asarray(rewards), 1.0)
+        ret_all.append((g - g.mean()) / (g.std() + 1e-8))
+        episodes += 1
+        obs, _ = env.reset()
+    env.close()
+    n = n_transitions
+    return np.asarray(obs_all[:n]), np.asarray(act_all[:n]), np.concatenate(ret_all)[:n], episodes
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+
+def bench_forward(sizes: Sizes, log: Callable[[str], None]) -> list[dict]:
+    import torch
+
+    from models import build_model
+
+    obs_np, _, _, _ = recorded_batch(max(sizes.forward_batches))
+    obs = torch.as_tensor(obs_np, dtype=torch.float64)
+    rows = []
+    for backend, gradient in pairs():
+        model = build_model(reference_experiment(backend, gradient), 4, 2, seed=0)
+        for batch in sizes.forward_batches:
+            x = obs[:batch]
+
+            def forward():
+                with torch.no_grad():
+                    model(x)
+
+            first, median = median_time(forward, sizes.budget_s)
+            rows.append({"backend": backend, "method": gradient, "batch": batch, "first_s": first, "median_ms": 1e3 * median})
+            log(f"forward  {backend:13s} {gradient:15s} batch {batch:5d}: {1e3 * median:9.3f} ms (first call {first:.2f} s)")
+    return with_ratios(rows, key=("batch",), value="median_ms")
+
+
+def bench_gradient(sizes: Sizes, log: Callable[[str], None]) -> list[dict]:
+    import torch
+
+    from models import build_model
+    from train import GradientStep, reinforce_loss
+
+    obs_np, actions, returns, episodes = recorded_batch(sizes.gradient_batch)
+    obs = torch.as_tensor(obs_np, dtype=torch.float64)
+    loss_fn = reinforce_loss(torch.as_tensor(actions), torch.as_tensor(returns), episodes)
+    rows = []
+    for backend, gradient in pairs():
+        exp = reference_experiment(backend, gradient)
+        model = build_model(exp, 4, 2, seed=0)
+        step = GradientStep(model, exp, seed=0)
+        evals: list[int] = []
+        first, median = median_time(lambda: evals.append(step(obs, loss_fn, "bench")["circuit_evals"]), sizes.budget_s)
+        circuit_evals = evals[-1] if backend != "classical" else None
+        rows.append({
+            "backend": backend, "method": gradient, "batch": sizes.gradient_batch, "first_s": first,
+            "median_s": median, "circuit_evals": circuit_evals, "n_compiles": model.n_compiles,
+        })
+        log(f"gradient {backend:13s} {gradient:15s} batch {sizes.gradient_batch}: {median:8.3f} s, "
+            f"{circuit_evals or '-'} circuits (first call {first:.2f} s)")
+    return with_ratios(rows, key=(), value="median_s")
+
+
+def fastest_methods(gradient_rows: list[dict]) -> dict[str, str]:
+    """The quantum backends' fastest gradient methods in the gradient section (backprop if not run)."""
+    best: dict[str, tuple[float, str]] = {}
+    for r in gradient_rows:
+        if r["backend"] != "classical" and (r["backend"] not in best or r["median_s"] < best[r["backend"]][0]):
+            best[r["backend"]] = (r["median_s"], r["method"])
+    return {b: best[b][1] if b in best else "backprop" for b in ("pennylane", "tensorcircuit")}
+
+
+def bench_scaling(sizes: Sizes, methods: dict[str, str], log: Callable[[str], None]) -> list[dict]:
+    import torch
+
+    from models import build_model
+
+    obs_np, _, _, _ = recorded_batch(sizes.scaling_batch)
+    obs = torch.as_tensor(obs_np, dtype=torch.float64)
+    rows = []
+    for backend, gradient in methods.items():
+        for n_qubits in sizes.qubits:
+            exp = reference_experiment(backend, gradient, model={"n_qubits": n_qubits, "observables": "auto"})
+            model = build_model(exp, 4, 2, seed=0)
+
+            def forward():
+                with torch.no_grad():
+                    model(obs)
+
+            def gradient_call():
+                model.zero_grad()
+                model(obs).sum().backward()
+
+            first_fwd, fwd = median_time(forward, sizes.budget_s)
+            first_grad, grad = median_time(gradient_call, sizes.budget_s)
+            rows.append({
+                "backend": backend, "method": gradient, "n_qubits": n_qubits, "batch": sizes.scaling_batch,
+                "first_forward_s": first_fwd, "forward_ms": 1e3 * fwd, "first_gradient_s": first_grad,
+                "gradient_ms": 1e3 * grad, "compile_s": model.compile_s, "n_compiles": model.n_compiles,
+            })
+            log(f"scaling  {backend:13s} {gradient:15s} {n_qubits:2d} qubits: forward {1e3 * fwd:8.2f} ms, "
+                f"gradient {1e3 * grad:8.2f} ms (first calls {first_fwd:.2f} s + {first_grad:.2f} s)")
+    return rows
+
+
+def bench_throughput(sizes: Sizes, log: Callable[[str], None]) -> list[dict]:
+    from train import train
+
+    rows = []
+    for backend, gradient in pairs():
+        exp = reference_experiment(backend, gradient, training={"episodes": sizes.throughput_episodes, "stop_avg_return": None})
+        result = train(exp, seed=0)
+        compile_s = result.model.compile_s or 0.0
+        rows.append({
+            "backend": backend, "method": gradient, "episodes": len(result.episode_returns), "env_steps": result.env_steps,
+            "train_s": result.wall_s, "compile_s": compile_s, "steps_per_s": result.env_steps / result.wall_s,
+            "steps_per_s_after_compile": result.env_steps / (result.wall_s - compile_s),
+            "compiles_after_warmup": result.compiles_after_warmup,
+        })
+        log(f"training {backend:13s} {gradient:15s}: {result.env_steps} steps in {result.wall_s:.2f} s "
+            f"= {result.env_steps / result.wall_s:8.1f} steps/s (compile {compile_s:.2f} s)")
+    return with_ratios(rows, key=(), value="steps_per_s", inverse=True)
+
+
+def with_ratios(rows: list[dict], key: tuple[str, ...], value: str, inverse: bool = False) -> list[dict]:
+    """Add ``x_classical``: value / classical backprop's value at the same key (inverse: the other
+    way round, for rates), so 10 means ten times slower than the classical baseline."""
+    base = {tuple(r[k] for k in key): r[value] for r in rows if r["backend"] == "classical" and r["method"] == "backprop"}
+    for r in rows:
+        b = base.get(tuple(r[k] for k in key))
+        r["x_classical"] = None if not b else (b / r[value] if inverse else r[value] / b)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)
+
+
+def markdown(results: dict[str, list[dict]], machine: dict[str, str], sizes: Sizes) -> str:
+    out = ["# Benchmark", "", "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()), ""]
+    if "forward" in results:
+        batches = sizes.forward_batches
+        out += ["## Policy forward (no gradient), median ms (x classical)", "",
+                "| backend | method | " + " | ".join(f"batch {b}" for b in batches) + " |",
+                "|---|---|" + "---|" * len(batches)]
+        by_pair: dict[tuple[str, str], dict[int, dict]] = {}
+        for r in results["forward"]:
+            by_pair.setdefault((r["backend"], r["method"]), {})[r["batch"]] = r
+        for (backend, method), cells in by_pair.items():
+            out.append(f"| {backend} | {method} | " + " | ".join(
+                f"{fmt(cells[b]['median_ms'])} (x{fmt(cells[b]['x_classical'], 2)})" for b in batches) + " |")
+        out.append("")
+    if "gradient" in results:
+        batch = results["gradient"][0]["batch"]
+        out += [f"## One gradient step on {batch} recorded transitions", "",
+                "| backend | method | median s | x classical | circuits executed | first call s |", "|---|---|---|---|---|---|"]
+        for r in results["gradient"]:
+            out.append(f"| {r['backend']} | {r['method']} | {fmt(r['median_s'])} | {fmt(r['x_classical'], 2)} | "
+                       f"{fmt(r['circuit_evals'])} | {fmt(r['first_s'], 2)} |")
+        out.append("")
+    if "scaling" in results:
+        batch = results["scaling"][0]["batch"]
+        out += [f"## Qubit scaling (5 layers, batch {batch}): first call (compile) apart from the steady state", "",
+                "| backend | method | qubits | first forward s | forward ms | first gradient s | gradient ms | compiles |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in results["scaling"]:
+            out.append(f"| {r['backend']} | {r['method']} | {r['n_qubits']} | {fmt(r['first_forward_s'], 2)} | "
+                       f"{fmt(r['forward_ms'])} | {fmt(r['first_gradient_s'], 2)} | {fmt(r['gradient_ms'])} | {fmt(r['n_compiles'])} |")
+        out.append("")
+    if "throughput" in results:
+        episodes = results["throughput"][0]["episodes"]
+        out += [f"## CartPole REINFORCE training throughput ({episodes} episodes, seed 0)", "",
+                "| backend | method | env steps | train s | compile s | steps/s | steps/s after compile | classical / this | compiles after warm-up |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in results["throughput"]:
+            out.append(f"| {r['backend']} | {r['method']} | {r['env_steps']} | {fmt(r['train_s'])} | {fmt(r['compile_s'], 2)} | "
+                       f"{fmt(r['steps_per_s'])} | {fmt(r['steps_per_s_after_compile'])} | {fmt(r['x_classical'], 2)} | "
+                       f"{fmt(r['compiles_after_warmup'])} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def figure(results: dict[str, list[dict]]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    ax = axes[0, 0]
+    by_pair: dict[str, list[dict]] = {}
+    for r in results.get("forward", []):
+        by_pair.setdefault(f"{r['backend']}/{r['method']}", []).append(r)
+    for label, rows in by_pair.items():
+        ax.plot([r["batch"] for r in rows], [r["median_ms"] for r in rows], marker="o", lw=1.2, label=label)
+    ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="ms", title="Policy forward (no gradient)")
+    if by_pair:
+        ax.legend(fontsize=6)
+    ax = axes[0, 1]
+    rows = results.get("gradient", [])
+    ax.barh([f"{r['backend']}/{r['method']}" for r in rows], [r["median_s"] for r in rows], color="tab:blue")
+    ax.set(xscale="log", xlabel="s", title=f"One gradient step on {rows[0]['batch'] if rows else '-'} transitions")
+    ax.invert_yaxis()
+    ax.tick_params(axis="y", labelsize=7)
+    ax = axes[1, 0]
+    by_backend: dict[str, list[dict]] = {}
+    for r in results.get("scaling", []):
+        by_backend.setdefault(f"{r['backend']}/{r['method']}", []).append(r)
+    for label, rows_b in by_backend.items():
+        q = [r["n_qubits"] for r in rows_b]
+        line = ax.plot(q, [r["gradient_ms"] / 1e3 for r in rows_b], marker="o", label=f"{label} gradient (steady)")[0]
+        ax.plot(q, [r["first_gradient_s"] + r["first_forward_s"] for r in rows_b], ls="--", marker="x",
+                color=line.get_color(), label=f"{label} first calls (compile)")
+    ax.set(yscale="log", xlabel="qubits", ylabel="s", title="Qubit scaling (5 layers)")
+    if by_backend:
+        ax.legend(fontsize=7)
+    ax = axes[1, 1]
+    rows = results.get("throughput", [])
+    ax.barh([f"{r['backend']}/{r['method']}" for r in rows], [r["steps_per_s"] for r in rows], color="tab:green")
+    ax.set(xscale="log", xlabel="environment steps / s", title="CartPole REINFORCE training throughput")
+    ax.invert_yaxis()
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def machine_description() -> dict[str, str]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "torch threads": str(torch.get_num_threads()),
+        "python": platform.python_version(),
+        "os": platform.platform(terse=True),
+    }
+
+
+def write_outputs(out: Path, results: dict[str, list[dict]], text: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "bench.md"]
+    files[0].write_text(text)
+    for section, rows in results.items():
+        path = out / f"{section}.csv"
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        files.append(path)
+    fig = figure(results)
+    fig.savefig(out / "bench.png", dpi=110)
+    files.append(out / "bench.png")
+    return files
+
+
+def log_to_mlflow(tracking_uri: str, results: dict[str, list[dict]], machine: dict[str, str], args, files: list[Path]) -> str:
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
+    from utils import get_or_create_experiment, library_versions, log_metrics, log_params, mlflow_client
+
+    client = mlflow_client(tracking_uri)
+    experiment_id = get_or_create_experiment(client, EXPERIMENT_NAME)
+    name = f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = client.create_run(experiment_id, tags={MLFLOW_RUN_NAME: name, "kind": "benchmark"}, run_name=name)
+    run_id = run.info.run_id
+    params = {f"machine.{k}": v for k, v in machine.items()}
+    params.update({f"version.{k}": v for k, v in library_versions().items()})
+    params.update({"quick": args.quick, "sections": ",".join(args.sections)})
+    log_params(client, run_id, params)
+    metrics: dict[str, float] = {}
+    for r in results.get("forward", []):
+        metrics[f"forward_ms/{r['backend']}/{r['method']}/batch_{r['batch']}"] = r["median_ms"]
+    for r in results.get("gradient", []):
+        metrics[f"gradient_s/{r['backend']}/{r['method']}"] = r["median_s"]
+        metrics[f"gradient_circuit_evals/{r['backend']}/{r['method']}"] = r["circuit_evals"]
+    for r in results.get("throughput", []):
+        metrics[f"throughput_steps_per_s/{r['backend']}/{r['method']}"] = r["steps_per_s"]
+    log_metrics(client, run_id, metrics, 0)
+    for r in results.get("scaling", []):
+        prefix = f"scaling/{r['backend']}/{r['method']}"
+        log_metrics(client, run_id, {f"{prefix}/gradient_ms": r["gradient_ms"], f"{prefix}/forward_ms": r["forward_ms"],
+                                     f"{prefix}/first_calls_s": r["first_forward_s"] + r["first_gradient_s"]}, r["n_qubits"])
+    for path in files:
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes: a check that everything runs")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--out", default="bench_results", help="folder for bench.md, the CSV files and bench.png")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, str(ROOT))
+    from utils import check_tracking_uri, resolve_tracking_uri
+
+    tracking_uri = resolve_tracking_uri(args.tracking_uri, None)
+    try:
+        check_tracking_uri(tracking_uri)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # Compile times are measured into an empty persistent cache, not loaded from an earlier run's.
+    os.environ["QMLBENCH_JAX_CACHE"] = tempfile.mkdtemp(prefix="qmlbench-bench-jax-")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    sizes = Sizes(args.quick)
+    machine = machine_description()
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    results: dict[str, list[dict]] = {}
+    t0 = time.perf_counter()
+    if "forward" in args.sections:
+        results["forward"] = bench_forward(sizes, log)
+    if "gradient" in args.sections:
+        results["gradient"] = bench_gradient(sizes, log)
+    if "scaling" in args.sections:
+        results["scaling"] = bench_scaling(sizes, fastest_methods(results.get("gradient", [])), log)
+    if "throughput" in args.sections:
+        results["throughput"] = bench_throughput(sizes, log)
+    text = markdown(results, machine, sizes) + f"\nTotal benchmark time: {time.perf_counter() - t0:.0f} s.\n"
+    print()
+    print(text)
+    files = write_outputs(Path(args.out), results, text)
+    run_id = log_to_mlflow(tracking_uri, results, machine, args, files)
+    print(f"Wrote {', '.join(str(f) for f in files)}; MLflow run {run_id} in experiment '{EXPERIMENT_NAME}' at {tracking_uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
