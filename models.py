@@ -266,9 +266,11 @@ class JaxCompileMonitor:
 #: Batches of up to SMALL_BATCH circuits are padded to the next power of two; larger ones are cut
 #: into chunks of exactly CHUNK circuits (the last one padded). A run therefore meets the same
 #: few shapes from its first update on (rollouts and DQN batches are small and fixed; recorded
-#: REINFORCE batches and estimator batches are large), and nothing compiles after warm-up.
+#: REINFORCE batches and estimator batches are large), and nothing compiles after warm-up. The
+#: cost per circuit is the same for chunks of 128 to 1024 (4 qubits, 5 layers: 65 ms for the
+#: gradient of 1000 rows either way), so the smallest wastes least on padding.
 SMALL_BATCH = 64
-CHUNK = 1024
+CHUNK = 128
 
 
 def padded_chunks(n: int) -> list[tuple[int, int, int]]:

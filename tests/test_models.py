@@ -101,8 +101,8 @@ def test_functional_forward_matches_forward_for_every_backend():
 
 def test_padded_chunks():
     assert padded_chunks(1) == [(0, 1, 1)] and padded_chunks(5) == [(0, 5, 8)] and padded_chunks(64) == [(0, 64, 64)]
-    assert padded_chunks(65) == [(0, 65, 1024)]
-    assert padded_chunks(2500) == [(0, 1024, 1024), (1024, 2048, 1024), (2048, 2500, 1024)]
+    assert padded_chunks(65) == [(0, 65, 128)]
+    assert padded_chunks(300) == [(0, 128, 128), (128, 256, 128), (256, 300, 128)]
 
 
 def test_tensorcircuit_compiles_each_shape_once_and_chunks_exactly():
@@ -111,18 +111,18 @@ def test_tensorcircuit_compiles_each_shape_once_and_chunks_exactly():
     rng = np.random.default_rng(0)
     exp = experiment(backend="tensorcircuit", gradient="backprop", model={"n_qubits": 2, "n_layers": 1})
     model = build_model(exp, 4, 2, seed=0)
-    sizes = (1, 3, 4, 5, 7, 8, 100, 1500)  # padded to 1, 4, 8, 8, 8, 8, 1024, 2 x 1024
+    sizes = (1, 3, 4, 5, 7, 8, 100, 1500)  # padded to 1, 4, 8, 8, 8, 8, 128, 12 x 128
     for _ in range(2):
         with torch.no_grad():
             for n in sizes:
                 model(torch.as_tensor(rng.normal(size=(n, 4))))
-    assert model.n_compiles == 4  # forward at 1, 4, 8, 1024
+    assert model.n_compiles == 4  # forward at 1, 4, 8, 128
     assert model.circuit_evals == 2 * sum(sizes)  # padding is not counted
     obs = torch.as_tensor(rng.normal(size=(1500, 4)))
     reference = build_model(experiment(backend="pennylane", gradient="backprop", model={"n_qubits": 2, "n_layers": 1}), 4, 2, seed=0)
     for m in (model, reference):
         (m(obs) * torch.tensor([1.0, -2.0])).sum().backward()
-    assert model.n_compiles == 5  # + the vector-Jacobian product at 1024
+    assert model.n_compiles == 5  # + the vector-Jacobian product at 128
     for p, p0 in zip(model.parameters(), reference.parameters(), strict=True):
         assert torch.allclose(p.grad, p0.grad, atol=1e-9, rtol=0)
     model(obs[:100]).sum().backward()
@@ -149,5 +149,5 @@ def test_pennylane_adjoint_forward_without_gradient_broadcasts_with_the_same_val
     with torch.no_grad():
         broadcast = model(OBS)
     per_row = model(OBS).detach()  # grad enabled: lightning.qubit, one simulation per row
-    assert torch.allclose(broadcast, per_row, atol=1e-10, rtol=0)
+    assert torch.allclose(broadcast, per_row, atol=1e-6, rtol=0)  # lightning differs by ~1e-8
     assert model.circuit._broadcast_qnode.device.name == "default.qubit"
