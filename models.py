@@ -167,14 +167,22 @@ class CircuitBackend:
         """XLA compilations triggered (None for backends that do not compile)."""
         return None
 
-    def __call__(self, gate_angles: torch.Tensor) -> torch.Tensor:
+    def __call__(self, gate_angles: torch.Tensor, *, update: bool | None = None) -> torch.Tensor:
+        """Expectation values ``(N, O)``. ``update``: the call is part of a training update (a
+        gradient batch), not action selection; by default, when autograd will need its gradient."""
         if gate_angles.ndim != 2 or gate_angles.shape[1] != self.spec.n_gate_angles:
             raise ValueError(f"gate angles must have shape (N, {self.spec.n_gate_angles}), got {tuple(gate_angles.shape)}")
         self.circuit_evals += gate_angles.shape[0]
-        return self._evaluate(gate_angles)
+        if update is None:
+            update = torch.is_grad_enabled() and gate_angles.requires_grad
+        return self._evaluate(gate_angles, update)
 
-    def _evaluate(self, gate_angles: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    def _evaluate(self, gate_angles: torch.Tensor, update: bool) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def precompile(self, n_rows: int) -> None:
+        """Compile the shape of an ``n_rows`` call without gradient now (nothing to do unless the
+        backend compiles); not counted as circuit evaluations."""
 
 
 class PennyLaneCircuit(CircuitBackend):
@@ -217,7 +225,7 @@ class PennyLaneCircuit(CircuitBackend):
             broadcasting = qml.device("default.qubit", wires=spec.n_qubits)
             self._broadcast_qnode = qml.QNode(circuit, broadcasting, interface="torch", diff_method=None)
 
-    def _evaluate(self, gate_angles: torch.Tensor) -> torch.Tensor:
+    def _evaluate(self, gate_angles: torch.Tensor, update: bool) -> torch.Tensor:  # noqa: ARG002
         qnode = self._qnode
         needs_grad = torch.is_grad_enabled() and gate_angles.requires_grad
         if self._broadcast_qnode is not None and not needs_grad and gate_angles.shape[0] > 1:
@@ -263,19 +271,21 @@ class JaxCompileMonitor:
             cls.compiles += 1
 
 
-#: Batches of up to SMALL_BATCH circuits are padded to the next power of two; larger ones are cut
-#: into chunks of exactly CHUNK circuits (the last one padded). A run therefore meets the same
-#: few shapes from its first update on (rollouts and DQN batches are small and fixed; recorded
-#: REINFORCE batches and estimator batches are large), and nothing compiles after warm-up. The
-#: cost per circuit is the same for chunks of 128 to 1024 (4 qubits, 5 layers: 65 ms for the
-#: gradient of 1000 rows either way), so the smallest wastes least on padding.
-SMALL_BATCH = 64
+#: Calls without gradient of up to SMALL_BATCH circuits (action selection: one row per
+#: environment) are padded to the next power of two; every other call is cut into chunks of
+#: exactly CHUNK circuits (the last one padded). Each call site of a run (acting, targets,
+#: gradient batches, estimator batches) therefore meets one shape from its first update on,
+#: however the recorded batch grows, and nothing compiles after warm-up. The cost per circuit is
+#: the same for chunks of 128 to 1024 (4 qubits, 5 layers: 65 ms for the gradient of 1000 rows
+#: either way), so the smallest wastes least on padding.
+SMALL_BATCH = 16
 CHUNK = 128
 
 
-def padded_chunks(n: int) -> list[tuple[int, int, int]]:
-    """``(start, stop, padded size)`` of every jitted call that evaluates ``n`` circuits."""
-    if n <= SMALL_BATCH:
+def padded_chunks(n: int, small: bool = True) -> list[tuple[int, int, int]]:
+    """``(start, stop, padded size)`` of every jitted call that evaluates ``n`` circuits
+    (``small``: a call that may use the power-of-two shapes up to SMALL_BATCH)."""
+    if small and n <= SMALL_BATCH:
         return [(0, n, 1 << max(0, (n - 1).bit_length()))]
     return [(start, min(start + CHUNK, n), CHUNK) for start in range(0, n, CHUNK)]
 
@@ -297,12 +307,12 @@ class _JaxCircuitFunction(torch.autograd.Function):
     def forward(ctx, angles: torch.Tensor, backend: TensorCircuitCircuit) -> torch.Tensor:
         ctx.backend = backend
         ctx.save_for_backward(angles)
-        return backend._run(backend._jit_forward, angles)
+        return backend._run(backend._jit_forward, angles, small=False)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (angles,) = ctx.saved_tensors
-        return ctx.backend._run(ctx.backend._jit_vjp, angles, grad_output), None
+        return ctx.backend._run(ctx.backend._jit_vjp, angles, grad_output, small=False), None
 
 
 class TensorCircuitCircuit(CircuitBackend):
@@ -384,12 +394,18 @@ class TensorCircuitCircuit(CircuitBackend):
     def n_compiles(self) -> int | None:
         return self._n_compiles if self.math_backend == "jax" else None
 
-    def _evaluate(self, gate_angles: torch.Tensor) -> torch.Tensor:
+    def _evaluate(self, gate_angles: torch.Tensor, update: bool) -> torch.Tensor:
         if self.math_backend == "pytorch":
             return self._torch_fn(gate_angles)
-        return _JaxCircuitFunction.apply(gate_angles, self)
+        if torch.is_grad_enabled() and gate_angles.requires_grad:
+            return _JaxCircuitFunction.apply(gate_angles, self)
+        return self._run(self._jit_forward, gate_angles, small=not update)
 
-    def _run(self, jitted: Callable, *arrays: torch.Tensor) -> torch.Tensor:
+    def precompile(self, n_rows: int) -> None:
+        if self.math_backend == "jax":
+            self._run(self._jit_forward, torch.zeros(n_rows, self.spec.n_gate_angles, dtype=DTYPE), small=True)
+
+    def _run(self, jitted: Callable, *arrays: torch.Tensor, small: bool) -> torch.Tensor:
         """Call ``jitted`` on every padded chunk of the row-aligned ``arrays``; rows joined back."""
         import jax
         import numpy as np
@@ -397,7 +413,7 @@ class TensorCircuitCircuit(CircuitBackend):
         device = arrays[0].device
         host = [a.detach().to("cpu", torch.float64).numpy() for a in arrays]
         outs = []
-        for start, stop, size in padded_chunks(host[0].shape[0]):
+        for start, stop, size in padded_chunks(host[0].shape[0], small):
             chunk = [np.zeros((size, *a.shape[1:])) for a in host]
             for padded, a in zip(chunk, host):
                 padded[: stop - start] = a[start:stop]
@@ -430,10 +446,16 @@ class ParameterShiftCircuit(CircuitBackend):
     def compile_s(self) -> float | None:  # type: ignore[override]
         return self.inner.compile_s
 
-    def __call__(self, gate_angles: torch.Tensor) -> torch.Tensor:
+    def precompile(self, n_rows: int) -> None:
+        self.inner.precompile(n_rows)
+
+    def __call__(self, gate_angles: torch.Tensor, *, update: bool | None = None) -> torch.Tensor:
+        if update is None:
+            update = torch.is_grad_enabled() and gate_angles.requires_grad
+
         def evaluate(angles: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                return self.inner(angles)
+                return self.inner(angles, update=update)
 
         return parameter_shift_expvals(gate_angles, evaluate)
 
@@ -459,6 +481,12 @@ class CircuitCounters:
     @property
     def compile_s(self) -> float | None:
         return self.circuit.compile_s if self.circuit is not None else None
+
+    def precompile_acting(self, n_rows: int) -> None:
+        """Compile the action-selection shape now, so that warm-up ends with the first update even
+        when the first greedy action comes later (DQN exploring)."""
+        if self.circuit is not None:
+            self.circuit.precompile(n_rows)
 
 
 def initial_angles(shape, init: str, generator: torch.Generator) -> torch.Tensor:

@@ -379,6 +379,7 @@ def train_dqn(exp: ExperimentConfig, seed: int, reporter: Reporter) -> TrainResu
     model = build_model(exp, n_inputs, n_actions, seed)
     device = _place(model, exp, reporter)
     step = GradientStep(model, exp, seed)
+    model.precompile_acting(1)
     target_params = model.flat_parameters()[None]
     buffer = ReplayBuffer(dq.buffer_size, n_inputs)
     learning_starts = dq.learning_starts or dq.batch_size

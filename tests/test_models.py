@@ -100,8 +100,8 @@ def test_functional_forward_matches_forward_for_every_backend():
 
 
 def test_padded_chunks():
-    assert padded_chunks(1) == [(0, 1, 1)] and padded_chunks(5) == [(0, 5, 8)] and padded_chunks(64) == [(0, 64, 64)]
-    assert padded_chunks(65) == [(0, 65, 128)]
+    assert padded_chunks(1) == [(0, 1, 1)] and padded_chunks(5) == [(0, 5, 8)] and padded_chunks(16) == [(0, 16, 16)]
+    assert padded_chunks(17) == [(0, 17, 128)] and padded_chunks(5, small=False) == [(0, 5, 128)]
     assert padded_chunks(300) == [(0, 128, 128), (128, 256, 128), (256, 300, 128)]
 
 
@@ -126,6 +126,7 @@ def test_tensorcircuit_compiles_each_shape_once_and_chunks_exactly():
     for p, p0 in zip(model.parameters(), reference.parameters(), strict=True):
         assert torch.allclose(p.grad, p0.grad, atol=1e-9, rtol=0)
     model(obs[:100]).sum().backward()
+    model(obs[:3]).sum().backward()  # calls with gradient always use the chunk shape
     assert model.n_compiles == 5 and model.compile_s > 0
 
 

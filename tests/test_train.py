@@ -91,3 +91,18 @@ def test_quantum_backends_train_identically():
     assert runs[0].episode_returns == runs[1].episode_returns
     for p, q in zip(runs[0].model.parameters(), runs[1].model.parameters()):
         assert torch.allclose(p, q, atol=1e-8)
+
+
+@pytest.mark.parametrize("algorithm,gradient", [
+    ("reinforce", "backprop"), ("reinforce", "parameter-shift"), ("reinforce", "spsa"), ("dqn", "backprop"), ("dqn", "finite-diff"),
+])
+def test_tensorcircuit_compiles_nothing_after_warm_up(algorithm, gradient):
+    """Growing REINFORCE batches (1 to 3 episodes of any length) and every call site meet the shapes
+    compiled during the first update; the counters reach the final metrics."""
+    exp = experiment(backend="tensorcircuit", gradient=gradient, algorithm=algorithm, model={"n_qubits": 2, "n_layers": 1},
+                     training={"episodes": 12, "episodes_per_batch": 3, "dqn": {"batch_size": 8, "buffer_size": 100}})
+    result = train(exp, 0)
+    metrics = result.final_metrics()
+    assert result.updates > 1
+    assert metrics["time/n_compiles"] >= 2 and metrics["time/compile_s"] > 0
+    assert metrics["time/compiles_after_warmup"] == 0
