@@ -48,7 +48,8 @@ EXPERIMENT_NAME = "benchmarks"
 
 
 class Sizes:
-    def __init__(self, quick: bool):
+    def __init__(self, quick: bool, pairs: list[tuple[str, str]]):
+        self.pairs = pairs
         self.forward_batches = (1, 10, 100) if quick else (1, 10, 100, 1000)
         self.gradient_batch = 100 if quick else 1000
         self.qubits = (2, 4) if quick else (2, 4, 6, 8, 10, 12)
@@ -96,7 +97,7 @@ def reference_experiment(backend: str, gradient: str, **fields):
     return load_config(raw=raw).experiments[0]
 
 
-def pairs() -> list[tuple[str, str]]:
+def all_pairs() -> list[tuple[str, str]]:
     from config_schema import BACKENDS, SUPPORTED_GRADIENTS
 
     return [(b, g) for b in BACKENDS for g in SUPPORTED_GRADIENTS[b]]
@@ -144,7 +145,7 @@ def bench_forward(sizes: Sizes, log: Callable[[str], None]) -> list[dict]:
     obs_np, _, _, _ = recorded_batch(max(sizes.forward_batches))
     obs = torch.as_tensor(obs_np, dtype=torch.float64)
     rows = []
-    for backend, gradient in pairs():
+    for backend, gradient in sizes.pairs:
         model = build_model(reference_experiment(backend, gradient), 4, 2, seed=0)
         for batch in sizes.forward_batches:
             first, median, _ = median_time(partial(no_grad_forward, model, obs[:batch]), sizes.budget_s)
@@ -163,7 +164,7 @@ def bench_gradient(sizes: Sizes, log: Callable[[str], None]) -> list[dict]:
     obs = torch.as_tensor(obs_np, dtype=torch.float64)
     loss_fn = reinforce_loss(torch.as_tensor(actions), torch.as_tensor(returns), episodes)
     rows = []
-    for backend, gradient in pairs():
+    for backend, gradient in sizes.pairs:
         exp = reference_experiment(backend, gradient)
         model = build_model(exp, 4, 2, seed=0)
         first, median, stats = median_time(partial(GradientStep(model, exp, seed=0), obs, loss_fn, "bench"), sizes.budget_s)
@@ -180,16 +181,18 @@ def bench_gradient(sizes: Sizes, log: Callable[[str], None]) -> list[dict]:
 EXACT_METHODS = ("backprop", "adjoint", "parameter-shift")
 
 
-def fastest_methods(gradient_rows: list[dict]) -> dict[str, str]:
+def fastest_methods(gradient_rows: list[dict], pairs: list[tuple[str, str]]) -> dict[str, str]:
     """The quantum backends' fastest exact-gradient methods in the gradient section (backprop if
-    not run). SPSA is cheaper still but estimates the gradient from two points."""
+    not run), for the backends among ``pairs``. SPSA is cheaper still but estimates the gradient
+    from two points."""
     best: dict[str, tuple[float, str]] = {}
     for r in gradient_rows:
         if r["backend"] == "classical" or r["method"] not in EXACT_METHODS:
             continue
         if r["backend"] not in best or r["median_s"] < best[r["backend"]][0]:
             best[r["backend"]] = (r["median_s"], r["method"])
-    return {b: best[b][1] if b in best else "backprop" for b in ("pennylane", "tensorcircuit")}
+    backends = [b for b in ("pennylane", "tensorcircuit") if any(p[0] == b for p in pairs)]
+    return {b: best[b][1] if b in best else "backprop" for b in backends}
 
 
 def bench_scaling(sizes: Sizes, methods: dict[str, str], log: Callable[[str], None]) -> list[dict]:
@@ -223,7 +226,7 @@ def bench_throughput(sizes: Sizes, log: Callable[[str], None]) -> list[dict]:
     from train import train
 
     rows = []
-    for backend, gradient in pairs():
+    for backend, gradient in sizes.pairs:
         exp = reference_experiment(backend, gradient, training={"episodes": sizes.throughput_episodes, "stop_avg_return": None})
         result = train(exp, seed=0)
         compile_s = result.model.compile_s or 0.0
@@ -260,10 +263,10 @@ def fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
-def markdown(results: dict[str, list[dict]], machine: dict[str, str], sizes: Sizes) -> str:
+def markdown(results: dict[str, list[dict]], machine: dict[str, str]) -> str:
     out = ["# Benchmark", "", "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()), ""]
     if "forward" in results:
-        batches = sizes.forward_batches
+        batches = sorted({r["batch"] for r in results["forward"]})
         out += ["## Policy forward (no gradient), median ms (x classical)", "",
                 "| backend | method | " + " | ".join(f"batch {b}" for b in batches) + " |",
                 "|---|---|" + "---|" * len(batches)]
@@ -399,7 +402,7 @@ def log_to_mlflow(tracking_uri: str, results: dict[str, list[dict]], machine: di
     run_id = run.info.run_id
     params = {f"machine.{k}": v for k, v in machine.items()}
     params.update({f"version.{k}": v for k, v in library_versions().items()})
-    params.update({"quick": args.quick, "sections": ",".join(args.sections)})
+    params.update({"quick": args.quick, "sections": ",".join(args.sections), "pairs": ",".join(args.only or ["all"])})
     log_params(client, run_id, params)
     metrics: dict[str, float] = {}
     for r in results.get("forward", []):
@@ -420,16 +423,49 @@ def log_to_mlflow(tracking_uri: str, results: dict[str, list[dict]], machine: di
     return run_id
 
 
+def run_sections(sections: list[str], sizes: Sizes) -> tuple[dict[str, list[dict]], float]:
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    results: dict[str, list[dict]] = {}
+    start = time.perf_counter()
+    if "forward" in sections:
+        results["forward"] = bench_forward(sizes, log)
+    if "gradient" in sections:
+        results["gradient"] = bench_gradient(sizes, log)
+    if "scaling" in sections:
+        methods = fastest_methods(results.get("gradient", []), sizes.pairs)
+        if methods:
+            results["scaling"] = bench_scaling(sizes, methods, log)
+    if "throughput" in sections:
+        results["throughput"] = bench_throughput(sizes, log)
+    return results, time.perf_counter() - start
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes: a check that everything runs")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--only", nargs="+", metavar="BACKEND/METHOD", help="measure these pairs only (default: all)")
     parser.add_argument("--out", default="bench_results", help="folder for bench.md, the CSV files and bench.png")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
     from utils import check_tracking_uri, resolve_tracking_uri
+
+    pairs = all_pairs()
+    if args.only:
+        names = {f"{b}/{g}": (b, g) for b, g in pairs}
+        unknown = [name for name in args.only if name not in names]
+        if unknown:
+            print(f"error: --only: unknown pair {unknown[0]!r}; allowed: {', '.join(names)}", file=sys.stderr)
+            return 2
+        pairs = [names[name] for name in args.only]
 
     tracking_uri = resolve_tracking_uri(args.tracking_uri, None)
     try:
@@ -438,27 +474,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     # Compile times are measured into an empty persistent cache, not loaded from an earlier run's.
-    os.environ["QMLBENCH_JAX_CACHE"] = tempfile.mkdtemp(prefix="qmlbench-bench-jax-")
-    import torch
-
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    sizes = Sizes(args.quick)
+    with tempfile.TemporaryDirectory(prefix="qmlbench-bench-jax-") as cache:
+        os.environ["QMLBENCH_JAX_CACHE"] = cache
+        results, total_s = run_sections(args.sections, Sizes(args.quick, pairs))
     machine = machine_description()
-
-    def log(line: str) -> None:
-        print(line, flush=True)
-
-    results: dict[str, list[dict]] = {}
-    t0 = time.perf_counter()
-    if "forward" in args.sections:
-        results["forward"] = bench_forward(sizes, log)
-    if "gradient" in args.sections:
-        results["gradient"] = bench_gradient(sizes, log)
-    if "scaling" in args.sections:
-        results["scaling"] = bench_scaling(sizes, fastest_methods(results.get("gradient", [])), log)
-    if "throughput" in args.sections:
-        results["throughput"] = bench_throughput(sizes, log)
-    text = markdown(results, machine, sizes) + f"\nTotal benchmark time: {time.perf_counter() - t0:.0f} s.\n"
+    text = markdown(results, machine) + f"\nTotal benchmark time: {total_s:.0f} s.\n"
     print()
     print(text)
     files = write_outputs(Path(args.out), results, text)

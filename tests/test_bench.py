@@ -1,0 +1,64 @@
+"""bench.py end to end on a few pairs: tables, CSV, plot and the MLflow run all agree."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import bench
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_benchmark_writes_every_output(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "results"
+    only = ["classical/backprop", "tensorcircuit/backprop", "tensorcircuit/spsa"]
+    # A process of its own, as users run it (it points jax's persistent cache at a fresh folder).
+    proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--quick", "--only", *only, "--out", str(out),
+                           "--tracking-uri", uri], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    forward = list(csv.DictReader((out / "forward.csv").open()))
+    assert [(r["backend"], r["method"], r["batch"]) for r in forward] == [
+        (p.split("/")[0], p.split("/")[1], str(b)) for p in only for b in (1, 10, 100)]
+    assert all(float(r["x_classical"]) == 1.0 for r in forward if r["backend"] == "classical")
+    gradient = {(r["backend"], r["method"]): r for r in csv.DictReader((out / "gradient.csv").open())}
+    # circuits per gradient step on 100 transitions: backprop one forward, SPSA (2 x 1 + 1) points
+    assert gradient["tensorcircuit", "backprop"]["circuit_evals"] == "100"
+    assert gradient["tensorcircuit", "spsa"]["circuit_evals"] == "300"
+    scaling = list(csv.DictReader((out / "scaling.csv").open()))
+    assert [(r["backend"], r["method"], r["n_qubits"]) for r in scaling] == [("tensorcircuit", "backprop", "2"), ("tensorcircuit", "backprop", "4")]
+    throughput = {(r["backend"], r["method"]): r for r in csv.DictReader((out / "throughput.csv").open())}
+    assert throughput["tensorcircuit", "backprop"]["compiles_after_warmup"] == "0"
+    assert float(throughput["classical", "backprop"]["steps_per_s"]) > 0
+    assert (out / "bench.png").stat().st_size > 10_000
+    text = (out / "bench.md").read_text()
+    for heading in ("Policy forward", "One gradient step on 100", "Qubit scaling", "training throughput"):
+        assert heading in text
+    assert text in proc.stdout
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("benchmarks").experiment_id])
+    assert run.data.metrics["gradient_circuit_evals/tensorcircuit/spsa"] == 300
+    assert "forward_ms/classical/backprop/batch_100" in run.data.metrics
+    assert len(client.get_metric_history(run.info.run_id, "scaling/tensorcircuit/backprop/gradient_ms")) == 2
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
+        "bench.md", "bench.png", "forward.csv", "gradient.csv", "scaling.csv", "throughput.csv"}
+
+
+def test_unknown_pair_is_one_line_error(capsys, tmp_path):
+    assert bench.main(["--only", "tensorcircuit/adjoint", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --only: unknown pair 'tensorcircuit/adjoint'; allowed: classical/backprop")
+    assert "\n" not in err and not (tmp_path / "m.db").exists()
+
+
+def test_ratios_are_to_classical_backprop_at_the_same_key():
+    rows = [{"backend": b, "method": m, "batch": n, "t": t} for b, m, n, t in [
+        ("classical", "backprop", 1, 2.0), ("classical", "backprop", 10, 4.0), ("pennylane", "backprop", 1, 6.0),
+        ("pennylane", "backprop", 10, 6.0)]]
+    assert [r["x_classical"] for r in bench.with_ratios(rows, key=("batch",), value="t")] == [1.0, 1.0, 3.0, 1.5]
+    assert [r["x_classical"] for r in bench.with_ratios(rows, key=("batch",), value="t", inverse=True)] == [1.0, 1.0, 1 / 3, 4 / 6]
