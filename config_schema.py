@@ -46,7 +46,7 @@ class ConfigError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class MLflowConfig(_Strict):
@@ -99,17 +99,17 @@ class LearningRates(_Strict):
 
 
 class DQNConfig(_Strict):
-    buffer_size: int = Field(10_000, ge=1)
-    batch_size: int = Field(16, ge=1)
+    buffer_size: int = Field(10_000, ge=1, le=10_000_000)
+    batch_size: int = Field(16, ge=1, le=1_000_000)
     epsilon_start: float = Field(1.0, ge=0, le=1)
     epsilon_end: float = Field(0.01, ge=0, le=1)
     epsilon_decay: float = Field(0.99, gt=0, le=1)
     """Multiplicative decay of epsilon after every episode."""
-    target_update_every: int = Field(30, ge=1)
+    target_update_every: int = Field(30, ge=1, le=10**9)
     target_update_unit: Literal["steps", "episodes"] = "steps"
-    train_every: int = Field(1, ge=1)
+    train_every: int = Field(1, ge=1, le=10**9)
     """Environment steps between gradient updates."""
-    learning_starts: int | None = Field(None, ge=1)
+    learning_starts: int | None = Field(None, ge=1, le=10**9)
     """Transitions in the buffer before the first update; unset means one batch."""
 
 
@@ -222,7 +222,7 @@ class SupportConfig(_Strict):
 class MetaEvalConfig(_Strict):
     n_tasks: int = Field(32, ge=1, le=100_000)
     """Held-out validation tasks (from a seed of their own)."""
-    every: int = Field(25, ge=1)
+    every: int = Field(25, ge=1, le=10**9)
     """Meta-iterations between validation passes."""
     k_values: list[int] = Field(default_factory=lambda: [0, 1, 2, 5, 10])
     """Adaptation steps at which fidelity is reported (fidelity vs K)."""
@@ -238,10 +238,10 @@ class MetaEvalConfig(_Strict):
 
 
 class BaselineConfig(_Strict):
-    robust_steps: int = Field(300, ge=0)
+    robust_steps: int = Field(300, ge=0, le=10**7)
     """Adam steps of the robust fixed pulse (fresh task batch each step); 0 skips it."""
-    robust_batch: int = Field(32, ge=1)
-    optimum_steps: int = Field(300, ge=0)
+    robust_batch: int = Field(32, ge=1, le=100_000)
+    optimum_steps: int = Field(300, ge=0, le=10**7)
     """Adam steps of the per-task optimised pulse on every validation task; 0 skips it."""
     lr: float = Field(0.05, gt=0)
 
@@ -394,8 +394,23 @@ class SweepConfig(_Strict):
 # Loading
 
 
+#: A sweep config is a few kilobytes; anything this large is a mistake (or an attack).
+MAX_CONFIG_BYTES = 1_000_000
+MAX_YAML_ALIASES = 100
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate mapping keys instead of silently keeping the last one."""
+    """SafeLoader that rejects duplicate mapping keys instead of silently keeping the last one, and
+    more than MAX_YAML_ALIASES aliases (nested aliases expand exponentially: "billion laughs")."""
+
+    n_aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.n_aliases += 1
+            if self.n_aliases > MAX_YAML_ALIASES:
+                raise yaml.YAMLError(f"more than {MAX_YAML_ALIASES} aliases (*name)")
+        return super().compose_node(parent, index)
 
 
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -483,9 +498,12 @@ def _format_validation_error(prefix: str, exc: ValidationError) -> list[str]:
 
 def _read_yaml(path: Path) -> Any:
     try:
-        data = path.read_bytes()
+        with path.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read config file ({exc.strerror or exc})"]) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{path}: config file is larger than {MAX_CONFIG_BYTES // 1_000_000} MB; a sweep config is a few KB"])
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:

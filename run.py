@@ -17,6 +17,8 @@ import sys
 
 from config_schema import ConfigError, load_config
 
+MAX_ERROR_LINES = 10
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -37,8 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides=args.overrides, only=args.only)
     except ConfigError as exc:
-        for line in exc.lines:
+        for line in exc.lines[:MAX_ERROR_LINES]:
             print(f"error: {line}", file=sys.stderr)
+        if len(exc.lines) > MAX_ERROR_LINES:
+            print(f"error: ... and {len(exc.lines) - MAX_ERROR_LINES} more problems", file=sys.stderr)
         return 2
 
     from runner import expand
