@@ -152,3 +152,13 @@ def test_pennylane_adjoint_forward_without_gradient_broadcasts_with_the_same_val
     per_row = model(OBS).detach()  # grad enabled: lightning.qubit, one simulation per row
     assert torch.allclose(broadcast, per_row, atol=1e-6, rtol=0)  # lightning differs by ~1e-8
     assert model.circuit._broadcast_qnode.device.name == "default.qubit"
+
+
+def test_mlp_functional_forward_in_chunks_equals_one_call(monkeypatch):
+    import models
+
+    model = build_model(experiment(backend="classical", gradient="finite-diff", algorithm="dqn", model={"hidden_sizes": [8]}), 4, 2, seed=0)
+    points = model.flat_parameters()[None] + 0.01 * torch.randn(7, model.flat_parameters().numel(), dtype=torch.float64)
+    whole = model.functional_forward(points, OBS)
+    monkeypatch.setattr(models, "MLP_ROWS_PER_CALL", 4)  # 1 parameter set (3 observations) per call
+    assert torch.equal(model.functional_forward(points, OBS), whole) and whole.shape == (7, 3, 2)
