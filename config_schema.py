@@ -125,6 +125,11 @@ class TrainingConfig(_Strict):
     """REINFORCE: standardise the returns-to-go of each episode."""
     stop_avg_return: float | None = None
     """Stop early once the mean return of the last 10 episodes reaches this (500 = CartPole-v1 maximum)."""
+    checkpoint_every: int | None = Field(50, ge=1, le=10**9)
+    """Save a checkpoint (weights, optimiser, RNG states, counters, DQN replay buffer) as the run's
+    artifact ``checkpoint/checkpoint.pt`` every this many episodes (REINFORCE: at the first batch
+    boundary past each multiple); ``run.py --resume`` continues a TIMED_OUT or KILLED run from it.
+    Unset: no checkpoints."""
     dqn: DQNConfig = DQNConfig()
 
 

@@ -438,6 +438,10 @@ class ParameterShiftCircuit(CircuitBackend):
     def circuit_evals(self) -> int:  # type: ignore[override]
         return self.inner.circuit_evals
 
+    @circuit_evals.setter
+    def circuit_evals(self, value: int) -> None:
+        self.inner.circuit_evals = value
+
     @property
     def n_compiles(self) -> int | None:
         return self.inner.n_compiles
@@ -473,6 +477,11 @@ class CircuitCounters:
     @property
     def circuit_evals(self) -> int:
         return self.circuit.circuit_evals if self.circuit is not None else 0
+
+    @circuit_evals.setter
+    def circuit_evals(self, value: int) -> None:  # restoring a checkpoint
+        if self.circuit is not None:
+            self.circuit.circuit_evals = value
 
     @property
     def n_compiles(self) -> int | None:

@@ -47,6 +47,8 @@ class Reporter(Protocol):
 
     def progress(self, episode: int, total: int, avg_return: float) -> None: ...
 
+    def checkpoint(self, state: dict, episode: int) -> None: ...
+
 
 class NullReporter:
     def metrics(self, values: dict[str, float], step: int) -> None:
@@ -57,6 +59,13 @@ class NullReporter:
 
     def progress(self, episode: int, total: int, avg_return: float) -> None:
         pass
+
+    def checkpoint(self, state: dict, episode: int) -> None:
+        pass
+
+
+#: Test hook: GradientStep multiplies the loss of this update (1-based) by NaN; 0 never.
+POISON_UPDATE = 0
 
 
 @dataclass
@@ -150,6 +159,19 @@ class GradientStep:
         self.k = 0
         self.compiles_at_warmup: int | None = None
 
+    def state_dict(self) -> dict:
+        state = {"optimizer": self.optimizer.state_dict(), "k": self.k, "generator": self.generator.get_state()}
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.k = state["k"]
+        self.generator.set_state(state["generator"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+
     @property
     def compiles_after_warmup(self) -> int | None:
         """Compilations since the end of the first update (the warm-up); None if nothing compiles."""
@@ -178,6 +200,8 @@ class GradientStep:
             loss, _ = gradients.estimated_loss(params, estimator)
         else:
             loss = loss_of_outputs(model(obs)[None])[0]
+        if self.k + 1 == POISON_UPDATE:
+            loss = loss * float("nan")
         if not torch.isfinite(loss):
             raise NonFiniteError(f"non-finite loss at {where}")
         loss.backward()
@@ -191,7 +215,7 @@ class GradientStep:
         if self.scheduler is not None:
             self.scheduler.step()
         self.k += 1
-        if self.k == 1:
+        if self.compiles_at_warmup is None:  # the first update of this process (a resumed run too)
             self.compiles_at_warmup = model.n_compiles
         if not all(torch.isfinite(p).all() for p in params):
             raise NonFiniteError(f"non-finite parameter at {where}")
@@ -240,7 +264,47 @@ def reinforce_loss(actions: torch.Tensor, returns: torch.Tensor, n_episodes: int
     return loss
 
 
-def train_reinforce(exp: ExperimentConfig, seed: int, reporter: Reporter) -> TrainResult:
+def _checkpoint_due(cfg, episodes_before: int, episodes_after: int) -> bool:
+    """A multiple of ``checkpoint_every`` was reached by the episodes just finished."""
+    every = cfg.checkpoint_every
+    return every is not None and episodes_after // every > episodes_before // every
+
+
+def _numpy_rng_states(rngs) -> list[dict]:
+    return [rng.bit_generator.state for rng in rngs]
+
+
+def _common_state(model: PolicyModel, step: GradientStep, returns: list[float], env_steps: int, grad_evals: int,
+                  elapsed_s: float) -> dict:
+    """What every CartPole checkpoint holds; loaded with ``torch.load(..., weights_only=True)``."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "episode": len(returns),
+        "returns": torch.tensor(returns, dtype=torch.float64),
+        "env_steps": env_steps,
+        "grad_evals": grad_evals,
+        "circuit_evals": model.circuit_evals,
+        "elapsed_s": elapsed_s,
+        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "step": step.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+    }
+
+
+def _restore_common(state: dict, model: PolicyModel, step: GradientStep, kind: str) -> tuple[list[float], int, int, float]:
+    if state.get("format") != CHECKPOINT_FORMAT or state.get("kind") != kind:
+        raise ValueError(f"checkpoint is not a {kind} checkpoint of format {CHECKPOINT_FORMAT}")
+    model.load_state_dict(state["model"])
+    step.load_state_dict(state["step"])
+    model.circuit_evals = state["circuit_evals"]
+    torch.set_rng_state(state["torch_rng"])
+    return state["returns"].tolist(), state["env_steps"], state["grad_evals"], state["elapsed_s"]
+
+
+CHECKPOINT_FORMAT = 1
+
+
+def train_reinforce(exp: ExperimentConfig, seed: int, reporter: Reporter, resume: dict | None = None) -> TrainResult:
     cfg = exp.training
     seed_everything(seed)  # REINFORCE draws its actions from the explicit torch generator below
     n_envs = min(cfg.episodes_per_batch, cfg.episodes)
@@ -254,11 +318,19 @@ def train_reinforce(exp: ExperimentConfig, seed: int, reporter: Reporter) -> Tra
     action_gen = torch.Generator().manual_seed(seed + 2)
     returns_all: list[float] = []
     env_steps = grad_evals = 0
-    t_start = time.perf_counter()
-    episode = 0
+    elapsed_before = 0.0
     first = True
+    if resume is not None:
+        returns_all, env_steps, grad_evals, elapsed_before = _restore_common(resume, model, step, "reinforce")
+        action_gen.set_state(resume["action_gen"])
+        envs.reset(seed=seed)  # then each environment's generator continues where the checkpoint left it
+        for env, rng_state in zip(envs.envs, resume["env_rngs"], strict=True):
+            env.unwrapped.np_random.bit_generator.state = rng_state
+        first = False
+    t_start = time.perf_counter()
+    episode = len(returns_all)
     try:
-        while episode < cfg.episodes:
+        while episode < cfg.episodes and not _solved(returns_all, cfg.stop_avg_return):
             t_batch = time.perf_counter()
             n_ep = min(n_envs, cfg.episodes - episode)
             obs, _ = envs.reset(seed=seed if first else None)
@@ -313,8 +385,12 @@ def train_reinforce(exp: ExperimentConfig, seed: int, reporter: Reporter) -> Tra
                 reporter.metrics(values, step=ep)
             episode += n_ep
             reporter.progress(episode, cfg.episodes, float(np.mean(returns_all[-AVG_WINDOW:])))
-            if _solved(returns_all, cfg.stop_avg_return):
-                break
+            if _checkpoint_due(cfg, episode - n_ep, episode):
+                elapsed = elapsed_before + time.perf_counter() - t_start
+                state = _common_state(model, step, returns_all, env_steps, grad_evals, elapsed)
+                state.update({"kind": "reinforce", "action_gen": action_gen.get_state(),
+                              "env_rngs": _numpy_rng_states(env.unwrapped.np_random for env in envs.envs)})
+                reporter.checkpoint(state, episode)
     finally:
         envs.close()
     return TrainResult(
@@ -323,7 +399,7 @@ def train_reinforce(exp: ExperimentConfig, seed: int, reporter: Reporter) -> Tra
         step.k,
         grad_evals,
         model.circuit_evals,
-        time.perf_counter() - t_start,
+        elapsed_before + time.perf_counter() - t_start,
         model,
         step.compiles_after_warmup,
     )
@@ -335,6 +411,8 @@ def train_reinforce(exp: ExperimentConfig, seed: int, reporter: Reporter) -> Tra
 
 class ReplayBuffer:
     """Fixed-size ring buffer of transitions (numpy arrays); uniform sampling from a Generator."""
+
+    _ARRAYS = ("obs", "next_obs", "actions", "rewards", "terminated")
 
     def __init__(self, capacity: int, obs_dim: int):
         self.obs = np.zeros((capacity, obs_dim), dtype=np.float64)
@@ -353,6 +431,15 @@ class ReplayBuffer:
         self.pos = (self.pos + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
+    def state_dict(self) -> dict:
+        arrays = {k: torch.from_numpy(getattr(self, k)[: self.size].copy()) for k in self._ARRAYS}
+        return {**arrays, "pos": self.pos, "size": self.size}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in self._ARRAYS:
+            getattr(self, k)[: state["size"]] = state[k].numpy()
+        self.pos, self.size = state["pos"], state["size"]
+
     def sample(self, batch_size: int, rng: np.random.Generator):
         idx = rng.integers(0, self.size, size=batch_size)
         return self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx], self.terminated[idx]
@@ -369,7 +456,7 @@ def dqn_loss(actions: torch.Tensor, targets: torch.Tensor) -> OutputLoss:
     return loss
 
 
-def train_dqn(exp: ExperimentConfig, seed: int, reporter: Reporter) -> TrainResult:
+def train_dqn(exp: ExperimentConfig, seed: int, reporter: Reporter, resume: dict | None = None) -> TrainResult:
     cfg, dq = exp.training, exp.training.dqn
     rng = seed_everything(seed)
     env = gym.make(ENV_ID)
@@ -386,11 +473,24 @@ def train_dqn(exp: ExperimentConfig, seed: int, reporter: Reporter) -> TrainResu
     epsilon = dq.epsilon_start
     returns_all: list[float] = []
     env_steps = grad_evals = 0
+    elapsed_before = 0.0
+    if resume is None:
+        obs, _ = env.reset(seed=seed)
+    else:
+        returns_all, env_steps, grad_evals, elapsed_before = _restore_common(resume, model, step, "dqn")
+        rng.bit_generator.state = resume["rng"]
+        buffer.load_state_dict(resume["buffer"])
+        epsilon = resume["epsilon"]
+        target_params = resume["target_params"]
+        env.reset(seed=seed)
+        env.unwrapped.np_random.bit_generator.state = resume["env_rng_before_reset"]
+        obs, _ = env.reset()  # the same reset the interrupted run did after its last checkpointed episode
+    recent = deque(returns_all[-AVG_WINDOW:], maxlen=AVG_WINDOW)
     t_start = time.perf_counter()
-    obs, _ = env.reset(seed=seed)
-    recent = deque(maxlen=AVG_WINDOW)
     try:
-        for episode in range(cfg.episodes):
+        for episode in range(len(returns_all), cfg.episodes):
+            if _solved(returns_all, cfg.stop_avg_return):
+                break
             t_ep = time.perf_counter()
             done = False
             ep_return = 0.0
@@ -421,6 +521,7 @@ def train_dqn(exp: ExperimentConfig, seed: int, reporter: Reporter) -> TrainResu
                     ep_evals += stats["circuit_evals"]
                 if dq.target_update_unit == "steps" and env_steps % dq.target_update_every == 0:
                     target_params = model.flat_parameters()[None]
+            env_rng_before_reset = env.unwrapped.np_random.bit_generator.state
             obs, _ = env.reset()
             if dq.target_update_unit == "episodes" and (episode + 1) % dq.target_update_every == 0:
                 target_params = model.flat_parameters()[None]
@@ -443,8 +544,13 @@ def train_dqn(exp: ExperimentConfig, seed: int, reporter: Reporter) -> TrainResu
             reporter.metrics(values, step=episode)
             reporter.progress(episode + 1, cfg.episodes, float(np.mean(recent)))
             epsilon = max(dq.epsilon_end, epsilon * dq.epsilon_decay)
-            if _solved(returns_all, cfg.stop_avg_return):
-                break
+            if _checkpoint_due(cfg, episode, episode + 1):
+                elapsed = elapsed_before + time.perf_counter() - t_start
+                state = _common_state(model, step, returns_all, env_steps, grad_evals, elapsed)
+                state.update({"kind": "dqn", "rng": rng.bit_generator.state, "buffer": buffer.state_dict(),
+                              "epsilon": epsilon, "target_params": target_params.clone(),
+                              "env_rng_before_reset": env_rng_before_reset})
+                reporter.checkpoint(state, episode + 1)
     finally:
         env.close()
     return TrainResult(
@@ -453,22 +559,25 @@ def train_dqn(exp: ExperimentConfig, seed: int, reporter: Reporter) -> TrainResu
         step.k,
         grad_evals,
         model.circuit_evals,
-        time.perf_counter() - t_start,
+        elapsed_before + time.perf_counter() - t_start,
         model,
         step.compiles_after_warmup,
     )
 
 
-ALGORITHMS: dict[str, Callable[[ExperimentConfig, int, Reporter], TrainResult]] = {
+ALGORITHMS: dict[str, Callable[..., TrainResult]] = {
     "reinforce": train_reinforce,
     "dqn": train_dqn,
 }
 
 
-def train(exp: ExperimentConfig, seed: int, reporter: Reporter | None = None) -> TrainResult:
-    """Train one experiment with one seed; ``reporter`` receives metrics and progress."""
+def train(exp: ExperimentConfig, seed: int, reporter: Reporter | None = None, resume: dict | None = None) -> TrainResult:
+    """Train one experiment with one seed; ``reporter`` receives metrics, progress and checkpoints.
+    ``resume``: a checkpoint of this experiment and seed to continue from (CartPole)."""
     if exp.task == "qubit_meta":
         from meta.train import train_meta
 
+        if resume is not None:
+            raise ValueError("qubit_meta runs have no checkpoints to resume from")
         return train_meta(exp, seed, reporter or NullReporter())
-    return ALGORITHMS[exp.algorithm](exp, seed, reporter or NullReporter())
+    return ALGORITHMS[exp.algorithm](exp, seed, reporter or NullReporter(), resume)

@@ -1,11 +1,13 @@
 """Training loops: hand-checked oracles, determinism, and every backend x gradient pair runs."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
 from conftest import experiment
 
-from train import ReplayBuffer, discounted_returns, dqn_loss, reinforce_loss, train
+from train import NullReporter, ReplayBuffer, discounted_returns, dqn_loss, reinforce_loss, train
 
 TINY = {"model": {"n_qubits": 2, "n_layers": 1, "hidden_sizes": [8]},
         "training": {"episodes": 4, "episodes_per_batch": 2, "dqn": {"batch_size": 8, "buffer_size": 100}}}
@@ -106,3 +108,59 @@ def test_tensorcircuit_compiles_nothing_after_warm_up(algorithm, gradient):
     assert result.updates > 1
     assert metrics["time/n_compiles"] >= 2 and metrics["time/compile_s"] > 0
     assert metrics["time/compiles_after_warmup"] == 0
+
+
+class CheckpointRecorder(NullReporter):
+    """Keeps every checkpoint as the bytes a worker would upload (saved with torch.save)."""
+
+    def __init__(self):
+        self.saved: dict[int, bytes] = {}
+        self.logged: list[int] = []
+
+    def metrics(self, values, step):
+        self.logged.append(step)
+
+    def checkpoint(self, state, episode):
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        self.saved[episode] = buf.getvalue()
+
+
+@pytest.mark.parametrize("backend,tolerance", [("classical", 0.0), ("tensorcircuit", 1e-9)])
+@pytest.mark.parametrize("algorithm,gradient", [("reinforce", "backprop"), ("dqn", "backprop"), ("dqn", "spsa")])
+def test_resumed_run_equals_uninterrupted_run(algorithm, gradient, backend, tolerance):
+    exp = experiment(backend=backend, gradient=gradient, algorithm=algorithm, model={"n_qubits": 2, "n_layers": 1, "hidden_sizes": [8]},
+                     training={"episodes": 9, "episodes_per_batch": 2, "checkpoint_every": 4,
+                               "dqn": {"batch_size": 8, "buffer_size": 100, "epsilon_decay": 0.7}})
+    recorder = CheckpointRecorder()
+    full = train(exp, 5, recorder)
+    checkpoint_episode = 4  # REINFORCE: the batch boundary at episode 4
+    assert sorted(recorder.saved) == [4, 8]
+    state = torch.load(io.BytesIO(recorder.saved[checkpoint_episode]), weights_only=True)  # nothing but tensors and plain data
+    resumed_recorder = CheckpointRecorder()
+    resumed = train(exp, 5, resumed_recorder, resume=state)
+    assert resumed_recorder.logged[0] == checkpoint_episode  # steps continue after the checkpoint
+    assert resumed.episode_returns == full.episode_returns and resumed.env_steps == full.env_steps
+    assert resumed.updates == full.updates and resumed.total_circuit_evals == full.total_circuit_evals
+    for p, q in zip(resumed.model.parameters(), full.model.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=tolerance, rtol=0)
+    assert recorder.saved[8] and resumed_recorder.saved.keys() == {8}
+
+
+def test_resume_refuses_a_checkpoint_of_another_algorithm():
+    recorder = CheckpointRecorder()
+    exp = experiment(backend="classical", gradient="backprop", algorithm="reinforce", **{**TINY, "training": {
+        **TINY["training"], "checkpoint_every": 2}})
+    train(exp, 0, recorder)
+    state = torch.load(io.BytesIO(recorder.saved[2]), weights_only=True)
+    with pytest.raises(ValueError, match="not a dqn checkpoint"):
+        train(experiment(backend="classical", gradient="backprop", algorithm="dqn", **TINY), 0, resume=state)
+
+
+def test_poisoned_loss_fails_with_the_episode(monkeypatch):
+    import train as train_module
+
+    monkeypatch.setattr(train_module, "POISON_UPDATE", 2)
+    exp = experiment(backend="classical", gradient="backprop", algorithm="reinforce", **TINY)
+    with pytest.raises(train_module.NonFiniteError, match="^non-finite loss at episode 4$"):
+        train(exp, 0)
