@@ -20,6 +20,16 @@ from config_schema import ConfigError, load_config
 MAX_ERROR_LINES = 10
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-c", "--config", default="config.yaml", help="sweep file (default: config.yaml)")
@@ -30,6 +40,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="override a field in every experiment (mlflow.* for the mlflow section); repeatable")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: config, $MLFLOW_TRACKING_URI, sqlite:///mlflow.db)")
     p.add_argument("--experiment-name", help="MLflow experiment name (default: from the config)")
+    p.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
+                   help="run up to N experiments at once, each in its own process (default 1)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip runs that already PASSED with the same resolved config in this MLflow experiment, "
+                        "continue TIMED_OUT / KILLED runs from their last checkpoint, run the rest")
     return p.parse_args(argv)
 
 
@@ -72,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from runner import Sweep
 
-    sweep = Sweep(cfg, tracking_uri, experiment_name)
+    sweep = Sweep(cfg, tracking_uri, experiment_name, jobs=args.jobs, resume=args.resume)
     outcomes = sweep.run()
     if sweep.interrupted:
         return 130

@@ -17,7 +17,9 @@ TensorCircuit and MLflow, so a run starts in milliseconds instead of seconds.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import multiprocessing as mp
 import os
 import signal
@@ -25,15 +27,28 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for_any
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from config_schema import ExperimentConfig, SweepConfig
-from utils import flatten_dict, get_or_create_experiment, git_commit, library_versions, log_metrics, log_params, mlflow_client
+from utils import (
+    flatten_dict,
+    get_or_create_experiment,
+    git_commit,
+    library_versions,
+    log_metrics,
+    log_params,
+    mlflow_client,
+    owner_alive,
+    prepare_store,
+    process_owner,
+)
 
 #: Test hook: ``NAME:hang`` or ``NAME:raise`` (comma-separated) makes the worker of run NAME block
 #: forever inside a C call or raise, after it has logged its first episode.
@@ -51,6 +66,7 @@ PRELOAD = [
     "matplotlib.pyplot",
 ]
 STATUSES = ("PASSED", "FAILED", "TIMED_OUT", "KILLED")
+CHECKPOINT_DIR, CHECKPOINT_FILE = "checkpoint", "checkpoint.pt"
 MLFLOW_STATUS = {"PASSED": "FINISHED", "FAILED": "FAILED", "TIMED_OUT": "KILLED", "KILLED": "KILLED"}
 #: The metric that shows a run's progress (comparison plot; last value of a run that did not pass).
 PROGRESS_METRIC = {"cartpole": "rollout/avg_return_10", "qubit_meta": "meta/val_fidelity_post"}
@@ -79,6 +95,8 @@ class RunOutcome:
     total_circuit_evals: int | None = None
     run_id: str | None = None
     error: str | None = None
+    reused: bool = False
+    """PASSED in an earlier sweep with the same resolved config (``--resume``): not run again."""
 
 
 def expand(cfg: SweepConfig) -> list[RunSpec]:
@@ -90,14 +108,18 @@ def expand(cfg: SweepConfig) -> list[RunSpec]:
 
 
 class _WorkerReporter:
-    """Logs metrics straight to the run (nothing is lost if the process is killed) and sends progress."""
+    """Logs metrics straight to the run (nothing is lost if the process is killed), sends progress
+    and uploads checkpoints. After a resume, steps the interrupted process had already logged
+    (recomputed identically from the checkpoint) are not logged twice."""
 
-    def __init__(self, client, run_id: str, run_name: str, events):
+    def __init__(self, client, run_id: str, run_name: str, events, logged_through_step: int = -1):
         self.client, self.run_id, self.events = client, run_id, events
+        self.logged_through_step = logged_through_step
         self.fault = _injected_fault(run_name)
 
     def metrics(self, values: dict[str, float], step: int) -> None:
-        log_metrics(self.client, self.run_id, values, step)
+        if step > self.logged_through_step:
+            log_metrics(self.client, self.run_id, values, step)
 
     def tags(self, values: dict[str, str]) -> None:
         for key, value in values.items():
@@ -108,9 +130,22 @@ class _WorkerReporter:
         if self.fault is not None and episode >= 1:
             self.fault(episode)
 
+    def checkpoint(self, state: dict, episode: int) -> None:
+        import torch
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / CHECKPOINT_FILE
+            torch.save(state, path)
+            self.client.log_artifact(self.run_id, str(path), CHECKPOINT_DIR)  # replaces the previous one
+        self.client.set_tag(self.run_id, "checkpoint_episode", str(episode))
+
 
 def _injected_fault(run_name: str):
-    """The fault ``$QMLBENCH_INJECT_FAULT`` asks for in this run, as a callable, or None."""
+    """The fault ``$QMLBENCH_INJECT_FAULT`` asks for in this run, as a callable, or None.
+
+    ``hang``: block forever inside a C call after the first episode; ``raise``: raise there;
+    ``nan``: the loss of the second update is NaN (the run must end FAILED, naming the episode).
+    """
     for item in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
         name, _, kind = item.partition(":")
         if name != run_name:
@@ -131,6 +166,10 @@ def _injected_fault(run_name: str):
                 raise RuntimeError(f"injected failure in {run_name} at episode {episode}")
 
             return fail
+        if kind == "nan":
+            import train
+
+            train.POISON_UPDATE = 2
     return None
 
 
@@ -141,9 +180,36 @@ def _log_figure(client, run_id: str, fig, artifact_file: str) -> None:
     plt.close(fig)
 
 
-def _worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_id: str, events: Connection) -> None:
-    """Train one run; ``events`` (the sending end of a pipe) carries progress, then the result or the error."""
+def _die_with_parent() -> None:
+    """Have the kernel kill this worker when its parent (the forkserver, which exits with the
+    sweep) dies: a sweep killed with SIGKILL leaves no orphan training on (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        parent = os.getppid()
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the call
+            os._exit(1)
+
+
+def _load_checkpoint(client, run_id: str) -> tuple[dict, int]:
+    """The run's last checkpoint (``weights_only``: nothing but tensors and plain data is
+    unpickled) and the last step the run has logged."""
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(run_id, f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}", tmp)
+        state = torch.load(path, weights_only=True)
+    history = client.get_metric_history(run_id, "rollout/episode_return")
+    return state, max((m.step for m in history), default=-1)
+
+
+def _worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_id: str, events: Connection,
+            resume: bool = False) -> None:
+    """Train one run; ``events`` (the sending end of a pipe) carries progress, then the result or
+    the error. ``resume``: continue from the run's checkpoint."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C for the sweep
+    _die_with_parent()
     import torch
 
     from train import train
@@ -151,9 +217,10 @@ def _worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_id:
     client = mlflow_client(tracking_uri)
     try:
         exp = ExperimentConfig.model_validate(exp_data)
-        reporter = _WorkerReporter(client, run_id, run_name, events)
-        result = train(exp, seed, reporter)
-        log_metrics(client, run_id, result.final_metrics(), result.final_step)
+        state, logged_through = _load_checkpoint(client, run_id) if resume else (None, -1)
+        reporter = _WorkerReporter(client, run_id, run_name, events, logged_through)
+        result = train(exp, seed, reporter, resume=state)
+        log_metrics(client, run_id, {**result.final_metrics(), "time/mlflow_lock_retries": client.retries}, result.final_step)
         with tempfile.TemporaryDirectory() as tmp:
             weights = Path(tmp) / "weights.pt"
             torch.save(result.state_dict(), weights)
@@ -175,12 +242,13 @@ def _worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_id:
 
 
 class _Display:
-    """Live progress: rich bars on a terminal, plain lines otherwise."""
+    """Live progress: rich bars on a terminal (one per running run), plain lines otherwise."""
 
     def __init__(self, total: int, live: bool):
         self.total, self.live, self.done = total, live, 0
-        self.label = "avg return"
-        self._last_line = 0.0
+        self._labels: dict[str, str] = {}
+        self._tasks: dict[str, int] = {}
+        self._last_line: dict[str, float] = {}
         if live:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -188,33 +256,41 @@ class _Display:
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
             )
             self.sweep_task = self.progress.add_task("runs", total=total)
-            self.run_task = None
             self.progress.start()
 
-    def start_run(self, name: str, episodes: int, label: str = "avg return") -> None:
-        self.label = label
+    def start_run(self, name: str, episodes: int, label: str = "avg return", note: str = "") -> None:
+        self._labels[name] = label
         if self.live:
-            if self.run_task is not None:
-                self.progress.remove_task(self.run_task)
-            self.run_task = self.progress.add_task(f"  {name}", total=episodes)
+            self._tasks[name] = self.progress.add_task(f"  {name}", total=episodes)
         else:
-            print(f"[{self.done + 1}/{self.total}] {name}: started", flush=True)
+            print(f"[{self.done + 1}/{self.total}] {name}: started{note}", flush=True)
 
     def update(self, name: str, episode: int, total: int, avg_return: float) -> None:
+        label = self._labels.get(name, "avg return")
         if self.live:
-            self.progress.update(self.run_task, completed=episode, description=f"  {name} {self.label} {avg_return:6.4g}")
-        elif time.monotonic() - self._last_line > 2.0 or episode == total:
-            self._last_line = time.monotonic()
-            print(f"[{self.done + 1}/{self.total}] {name}: step {episode}/{total}, {self.label} {avg_return:.4g}", flush=True)
+            self.progress.update(self._tasks[name], completed=episode, description=f"  {name} {label} {avg_return:6.4g}")
+        elif time.monotonic() - self._last_line.get(name, 0.0) > 2.0 or episode == total:
+            self._last_line[name] = time.monotonic()
+            print(f"[{self.done + 1}/{self.total}] {name}: step {episode}/{total}, {label} {avg_return:.4g}", flush=True)
 
     def end_run(self, outcome: RunOutcome) -> None:
         self.done += 1
+        name = outcome.spec.name
+        reused = " (PASSED earlier with the same config; skipped)" if outcome.reused else ""
         if self.live:
+            if name in self._tasks:
+                self.progress.remove_task(self._tasks.pop(name))
             self.progress.update(self.sweep_task, completed=self.done)
-            self.progress.console.print(f"{outcome.spec.name}: {outcome.status} in {outcome.wall_s:.1f} s")
+            self.progress.console.print(f"{name}: {outcome.status} in {outcome.wall_s:.1f} s{reused}")
         else:
-            extra = f" ({outcome.error})" if outcome.error else ""
-            print(f"[{self.done}/{self.total}] {outcome.spec.name}: {outcome.status} in {outcome.wall_s:.1f} s{extra}", flush=True)
+            extra = f" ({outcome.error})" if outcome.error else reused
+            print(f"[{self.done}/{self.total}] {name}: {outcome.status} in {outcome.wall_s:.1f} s{extra}", flush=True)
+
+    def message(self, text: str) -> None:
+        if self.live:
+            self.progress.console.print(text)
+        else:
+            print(text, flush=True)
 
     def close(self) -> None:
         if self.live:
@@ -346,15 +422,50 @@ def gap_vs_variance_figure(client, outcomes: list[RunOutcome]):
 # The sweep
 
 
+def config_hash(spec: RunSpec) -> str:
+    """Hash of everything that decides a run's result: the resolved experiment and the seed
+    (the time limit and the seed list excluded). Tag ``config_hash`` of every child run."""
+    resolved = spec.exp.model_dump(mode="json")
+    for key in ("timeout_s", "seeds", "seed"):
+        resolved.pop(key, None)
+    resolved["seed"] = spec.seed
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class _Job:
+    """A run being executed: its worker process, the pipe it reports on, its deadline."""
+
+    spec: RunSpec
+    index: int
+    outcome: RunOutcome
+    proc: Any
+    receiver: Connection
+    start: float = 0.0
+    deadline: float = float("inf")
+    received: dict = field(default_factory=dict)
+    eof: bool = False
+
+
 class Sweep:
-    def __init__(self, cfg: SweepConfig, tracking_uri: str, experiment_name: str, live: bool | None = None):
+    #: Seconds between the parent's ``sweep.heartbeat`` tags (how other hosts tell a live sweep).
+    HEARTBEAT_S = 30.0
+
+    def __init__(self, cfg: SweepConfig, tracking_uri: str, experiment_name: str, live: bool | None = None,
+                 jobs: int = 1, resume: bool = False):
+        if jobs < 1:
+            raise ValueError(f"jobs must be at least 1, got {jobs}")
         self.cfg = cfg
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self.live = sys.stdout.isatty() if live is None else live
+        self.jobs = jobs
+        self.resume = resume
         self.runs = expand(cfg)
         self.interrupted = False
         self.parent_run_id: str | None = None
+        self.owner = process_owner()
+        self._last_heartbeat = 0.0
         #: Tags shared by the parent and every child run, computed once per sweep.
         self.environment_tags = {f"version.{k}": v for k, v in library_versions().items()}
         commit = git_commit(Path(__file__).parent)
@@ -377,6 +488,49 @@ class Sweep:
         forkserver.ensure_running()
         return ctx
 
+    # -- before any run starts ------------------------------------------------------------------
+
+    def mark_stale_runs(self, client, experiment_id: str) -> list[str]:
+        """Mark KILLED every run of the experiment left RUNNING by a sweep process that no longer
+        exists (killed with SIGKILL, or the machine rebooted); returns their names."""
+        marked = []
+        heartbeats: dict[str, float | None] = {}
+        for run in client.search_runs([experiment_id], filter_string="tags.status = 'RUNNING'", max_results=50_000):
+            tags = run.data.tags
+            parent_id = tags.get("mlflow.parentRunId", run.info.run_id)
+            if parent_id not in heartbeats:
+                try:
+                    beat = client.get_run(parent_id).data.tags.get("sweep.heartbeat")
+                except Exception:  # noqa: BLE001 - a deleted parent has no heartbeat
+                    beat = None
+                heartbeats[parent_id] = float(beat) if beat else None
+            owner = tags.get("sweep.owner", "")
+            if owner_alive(owner, heartbeats[parent_id]):
+                continue
+            pid_host = owner.split("|")
+            who = f"pid {pid_host[2]} on {pid_host[0]}" if len(pid_host) == 4 else "an unknown process"
+            client.set_tag(run.info.run_id, "status", "KILLED")
+            client.set_tag(run.info.run_id, "error", f"left RUNNING by a sweep that no longer runs ({who})")
+            client.set_terminated(run.info.run_id, MLFLOW_STATUS["KILLED"])
+            marked.append(run.info.run_name)
+        return marked
+
+    def _plan(self, client, experiment_id: str, spec: RunSpec) -> tuple[str, Any]:
+        """("new", None), or with --resume ("reuse", run) for a run that PASSED with the same
+        config, or ("resume", run) for the latest TIMED_OUT / KILLED one with a checkpoint."""
+        if not self.resume:
+            return "new", None
+        found = client.search_runs([experiment_id], filter_string=f"tags.config_hash = '{config_hash(spec)}'",
+                                   order_by=["attributes.start_time DESC"], max_results=1000)
+        found = [r for r in found if r.info.run_name == spec.name]
+        for run in found:
+            if run.data.tags.get("status") == "PASSED":
+                return "reuse", run
+        for run in found:
+            if run.data.tags.get("status") in ("TIMED_OUT", "KILLED") and "checkpoint_episode" in run.data.tags:
+                return "resume", run
+        return "new", None
+
     def _create_child(self, client, experiment_id: str, spec: RunSpec) -> str:
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
@@ -391,6 +545,8 @@ class Sweep:
             "algorithm": exp.algorithm,
             "backend": exp.backend,
             "gradient": exp.gradient,
+            "config_hash": config_hash(spec),
+            "sweep.owner": self.owner,
             **self.environment_tags,
         }
         run = client.create_run(experiment_id, tags=tags, run_name=spec.name)
@@ -401,126 +557,204 @@ class Sweep:
         client.log_text(run.info.run_id, yaml.safe_dump(resolved, sort_keys=False), "config.yaml")
         return run.info.run_id
 
-    def _finish(self, client, outcome: RunOutcome) -> None:
-        run_id = outcome.run_id
-        client.set_tag(run_id, "status", outcome.status)
-        if outcome.error:
-            client.set_tag(run_id, "error", outcome.error[:5000])
-        log_metrics(client, run_id, {"time/wall_s": outcome.wall_s}, outcome.episodes_done)
-        client.set_terminated(run_id, MLFLOW_STATUS[outcome.status])
+    def _reopen(self, client, run) -> str:
+        """Take over an interrupted run for ``--resume``: it continues in the same MLflow run,
+        now a child of this sweep."""
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    def _execute(self, ctx, client, experiment_id: str, spec: RunSpec, display: _Display) -> RunOutcome:
-        run_id = self._create_child(client, experiment_id, spec)
-        receiver, events = ctx.Pipe(duplex=False)
+        run_id = run.info.run_id
+        tags = run.data.tags
+        client.set_tag(run_id, "resumed_from_sweep", tags.get(MLFLOW_PARENT_RUN_ID, ""))
+        client.set_tag(run_id, "resumed_from_episode", tags["checkpoint_episode"])
+        client.set_tag(run_id, MLFLOW_PARENT_RUN_ID, self.parent_run_id)
+        client.set_tag(run_id, "sweep.owner", self.owner)
+        client.set_tag(run_id, "status", "RUNNING")
+        if "error" in tags:
+            client.delete_tag(run_id, "error")
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+
+    @staticmethod
+    def _reused(spec: RunSpec, run) -> RunOutcome:
+        summary = json.loads(run.data.tags.get("summary", "{}"))
+        return RunOutcome(
+            spec, "PASSED", run.data.metrics.get("time/wall_s", 0.0),
+            final_avg_return=summary.get("final_avg_return", float("nan")),
+            final_fidelity=summary.get("final_fidelity", float("nan")),
+            episodes_done=summary.get("episodes_done", 0),
+            grad_circuit_evals=summary.get("grad_circuit_evals"),
+            total_circuit_evals=summary.get("total_circuit_evals"),
+            run_id=run.info.run_id, reused=True,
+        )
+
+    # -- executing ------------------------------------------------------------------------------
+
+    def _start(self, ctx, client, experiment_id: str, spec: RunSpec, index: int, action: str, prior,
+               display: _Display, active: list[_Job]) -> None:
+        run_id = self._reopen(client, prior) if action == "resume" else self._create_child(client, experiment_id, spec)
+        receiver, sender = ctx.Pipe(duplex=False)
         proc = ctx.Process(
             target=_worker,
-            args=(spec.exp.model_dump(mode="json"), spec.seed, spec.name, self.tracking_uri, run_id, events),
+            args=(spec.exp.model_dump(mode="json"), spec.seed, spec.name, self.tracking_uri, run_id, sender, action == "resume"),
             name=spec.name,
         )
-        display.start_run(spec.name, spec.exp.total_steps, PROGRESS_LABEL[spec.exp.task])
-        start = time.monotonic()
-        outcome = RunOutcome(spec, "FAILED", 0.0, run_id=run_id)
-        received: dict = {}
-
-        def handle(event) -> None:
-            kind = event[0]
-            if kind == "progress":
-                outcome.episodes_done = event[1]
-                display.update(spec.name, event[1], event[2], event[3])
-            else:  # "done" with the result, or "error" with the message
-                received[kind] = event[1]
-
-        deadline = start + spec.exp.timeout_s
+        job = _Job(spec, index, RunOutcome(spec, "FAILED", 0.0, run_id=run_id), proc, receiver)
+        note = f" (resuming from episode {prior.data.tags['checkpoint_episode']})" if action == "resume" else ""
+        display.start_run(spec.name, spec.exp.total_steps, PROGRESS_LABEL[spec.exp.task], note)
+        active.append(job)  # before start: a Ctrl-C while the forkserver preloads still finds it
+        job.start = time.monotonic()
+        job.deadline = job.start + spec.exp.timeout_s
         try:
-            proc.start()  # inside the try: the first start waits for the forkserver to preload, Ctrl-C may come then
-            events.close()  # the worker holds the sending end now: its exit shows here as end of file
-            while True:
-                try:
-                    while receiver.poll():
-                        handle(receiver.recv())
-                except EOFError:  # the worker has exited and everything it sent is handled
-                    break
-                if not proc.is_alive() and not receiver.poll():
-                    break
-                if time.monotonic() >= deadline:
-                    outcome.status = "TIMED_OUT"
-                    outcome.error = f"exceeded timeout_s={spec.exp.timeout_s:g} at episode {outcome.episodes_done}"
-                    _stop(proc)
-                    break
-                # Sleep until a message, the worker's exit or the deadline, whichever comes first.
-                wait_for_any([receiver, proc.sentinel], timeout=max(0.0, deadline - time.monotonic()))
-        except KeyboardInterrupt:
-            _stop(proc)
-            self.interrupted = True
-            outcome.status = "KILLED"
-            outcome.error = f"sweep interrupted at episode {outcome.episodes_done}"
-        if proc.pid is not None:  # started
-            proc.join()
-        outcome.wall_s = time.monotonic() - start
-        receiver.close()  # (a killed writer may have left half a message: it is not read)
+            proc.start()
+        finally:
+            sender.close()  # the worker holds the sending end now: its exit shows here as end of file
+
+    def _handle(self, job: _Job, event, display: _Display) -> None:
+        kind = event[0]
+        if kind == "progress":
+            job.outcome.episodes_done = event[1]
+            display.update(job.spec.name, event[1], event[2], event[3])
+        else:  # "done" with the result, or "error" with the message
+            job.received[kind] = event[1]
+
+    def _poll(self, client, job: _Job, display: _Display) -> bool:
+        """Handle what the worker sent; complete the job if it ended or is past its deadline."""
+        try:
+            while job.receiver.poll():
+                self._handle(job, job.receiver.recv(), display)
+        except EOFError:  # the worker has exited and everything it sent is handled
+            job.eof = True
+        if not job.eof and job.proc.is_alive():
+            if time.monotonic() < job.deadline:
+                return False
+            job.outcome.status = "TIMED_OUT"
+            job.outcome.error = f"exceeded timeout_s={job.spec.exp.timeout_s:g} at episode {job.outcome.episodes_done}"
+            _stop(job.proc)
+        self._complete(client, job)
+        return True
+
+    def _complete(self, client, job: _Job) -> None:
+        outcome, spec = job.outcome, job.spec
+        if job.proc.pid is not None:  # started
+            job.proc.join()
+        outcome.wall_s = time.monotonic() - job.start
+        job.receiver.close()  # (a killed writer may have left half a message: it is not read)
         if outcome.status not in ("TIMED_OUT", "KILLED"):  # the worker ended on its own
-            result, error = received.get("done"), received.get("error")
-            if result is not None and proc.exitcode == 0:
+            result, error = job.received.get("done"), job.received.get("error")
+            if result is not None and job.proc.exitcode == 0:
                 outcome.status = "PASSED"
                 outcome.final_avg_return = result["final_avg_return"]
                 outcome.final_fidelity = result["final_fidelity"]
                 outcome.episodes_done = result["episodes_done"]
                 outcome.grad_circuit_evals = result["grad_circuit_evals"]
                 outcome.total_circuit_evals = result["total_circuit_evals"]
+                client.set_tag(outcome.run_id, "summary", json.dumps(result))
             else:
                 outcome.status = "FAILED"
-                outcome.error = error or f"worker exited with code {proc.exitcode} without a result"
+                outcome.error = error or f"worker exited with code {job.proc.exitcode} without a result"
         if spec.exp.backend == "classical":
             outcome.grad_circuit_evals = outcome.total_circuit_evals = None
-        if outcome.status != "PASSED" and outcome.run_id:
-            history = client.get_metric_history(run_id, PROGRESS_METRIC[spec.exp.task])
+        if outcome.status != "PASSED":
+            history = client.get_metric_history(outcome.run_id, PROGRESS_METRIC[spec.exp.task])
             if history:
                 last = max(history, key=lambda m: m.step).value
                 if spec.exp.task == "cartpole":
                     outcome.final_avg_return = last
                 else:
                     outcome.final_fidelity = last
-        self._finish(client, outcome)
-        return outcome
+        client.set_tag(outcome.run_id, "status", outcome.status)
+        if outcome.error:
+            client.set_tag(outcome.run_id, "error", outcome.error[:5000])
+        log_metrics(client, outcome.run_id, {"time/wall_s": outcome.wall_s}, outcome.episodes_done)
+        client.set_terminated(outcome.run_id, MLFLOW_STATUS[outcome.status])
+
+    def _wait(self, active: list[_Job]) -> None:
+        """Sleep until a worker sends something or exits, a deadline passes, or a heartbeat is due."""
+        handles = [j.receiver for j in active if not j.eof] + [j.proc.sentinel for j in active if j.proc.pid is not None]
+        now = time.monotonic()
+        timeout = min([j.deadline - now for j in active] + [self.HEARTBEAT_S])
+        wait_for_any(handles, timeout=max(0.0, timeout))
+
+    def _heartbeat(self, client) -> None:
+        if time.monotonic() - self._last_heartbeat >= self.HEARTBEAT_S:
+            self._last_heartbeat = time.monotonic()
+            client.set_tag(self.parent_run_id, "sweep.heartbeat", f"{time.time():.0f}")
 
     def run(self) -> list[RunOutcome]:
         from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
+        ctx = self._context()
         client = mlflow_client(self.tracking_uri)
         experiment_id = get_or_create_experiment(client, self.experiment_name)
+        prepare_store(self.tracking_uri)
+        stale = self.mark_stale_runs(client, experiment_id)
+        if stale:
+            print(f"Marked KILLED {len(stale)} run(s) left RUNNING by a sweep that died: {', '.join(stale)}", flush=True)
+        plan = [(spec, *self._plan(client, experiment_id, spec)) for spec in self.runs]
         sweep_name = f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
         parent = client.create_run(
             experiment_id,
             tags={MLFLOW_RUN_NAME: sweep_name, "kind": "sweep", "config": self.cfg.source, "status": "RUNNING",
-                  **self.environment_tags},
+                  "sweep.owner": self.owner, **self.environment_tags},
             run_name=sweep_name,
         )
         self.parent_run_id = parent.info.run_id
-        log_params(client, self.parent_run_id, {"config": self.cfg.source, "n_runs": len(self.runs)})
+        self._heartbeat(client)
+        log_params(client, self.parent_run_id, {"config": self.cfg.source, "n_runs": len(self.runs), "jobs": self.jobs,
+                                                "resume": self.resume})
         client.log_text(self.parent_run_id, yaml.safe_dump(
             {"experiments": [e.model_dump(mode="json") for e in self.cfg.experiments]}, sort_keys=False), "sweep_config.yaml")
-        ctx = self._context()
         display = _Display(len(self.runs), self.live)
-        outcomes: list[RunOutcome] = []
+        outcomes: dict[int, RunOutcome] = {}
+        pending = deque(enumerate(plan))
+        active: list[_Job] = []
         t0 = time.monotonic()
         try:
-            for spec in self.runs:
-                outcome = self._execute(ctx, client, experiment_id, spec, display)
-                outcomes.append(outcome)
-                display.end_run(outcome)
-                if self.interrupted:
-                    break
+            while pending or active:
+                while pending and len(active) < self.jobs:
+                    index, (spec, action, prior) = pending.popleft()
+                    if action == "reuse":
+                        outcomes[index] = self._reused(spec, prior)
+                        display.end_run(outcomes[index])
+                        continue
+                    self._start(ctx, client, experiment_id, spec, index, action, prior, display, active)
+                if not active:
+                    continue
+                self._wait(active)
+                for job in list(active):
+                    if self._poll(client, job, display):
+                        active.remove(job)
+                        outcomes[job.index] = job.outcome
+                        display.end_run(job.outcome)
+                self._heartbeat(client)
+        except KeyboardInterrupt:
+            self.interrupted = True
+            for job in active:
+                _stop(job.proc)
+                job.outcome.status = "KILLED"
+                job.outcome.error = f"sweep interrupted at episode {job.outcome.episodes_done}"
+                self._complete(client, job)
+                outcomes[job.index] = job.outcome
+                display.end_run(job.outcome)
         finally:
             display.close()
         total_s = time.monotonic() - t0
+        finished = [outcomes[i] for i in sorted(outcomes)]
+        self._report(client, finished, len(pending), total_s)
+        return finished
+
+    def _report(self, client, outcomes: list[RunOutcome], not_started: int, total_s: float) -> None:
         rows = summary_rows(outcomes)
         columns = summary_columns({spec.exp.task for spec in self.runs})
         print_summary(rows, columns, total_s)
-        skipped = len(self.runs) - len(outcomes)
-        if skipped:
-            print(f"{skipped} run(s) not started because the sweep was interrupted.")
+        if not_started:
+            print(f"{not_started} run(s) not started because the sweep was interrupted.")
+        reused = sum(o.reused for o in outcomes)
+        if reused:
+            print(f"{reused} run(s) had PASSED earlier with the same config and were not run again (--resume).")
         counts = {s: sum(o.status == s for o in outcomes) for s in STATUSES}
-        sweep_metrics = {"sweep/wall_s": total_s, "sweep/n_not_started": skipped, **{f"sweep/n_{k.lower()}": v for k, v in counts.items()}}
+        sweep_metrics = {"sweep/wall_s": total_s, "sweep/n_not_started": not_started, "sweep/n_reused": reused,
+                         **{f"sweep/n_{k.lower()}": v for k, v in counts.items()}}
         log_metrics(client, self.parent_run_id, sweep_metrics, 0)
         client.log_text(self.parent_run_id, summary_markdown(rows, columns), "summary.md")
         client.log_text(self.parent_run_id, summary_csv(rows, columns), "summary.csv")
@@ -532,7 +766,6 @@ class Sweep:
         sweep_status = "KILLED" if self.interrupted else ("PASSED" if all_passed else "FAILED")
         client.set_tag(self.parent_run_id, "status", sweep_status)
         client.set_terminated(self.parent_run_id, MLFLOW_STATUS[sweep_status])
-        return outcomes
 
 
 def _stop(proc) -> None:

@@ -515,7 +515,7 @@ def train_dqn(exp: ExperimentConfig, seed: int, reporter: Reporter, resume: dict
                         q_next = model.functional_forward(target_params, _as_tensor(b_next, device))[0].max(-1).values
                     targets = _as_tensor(b_rew, device) + cfg.gamma * (1.0 - _as_tensor(b_term, device)) * q_next
                     loss_fn = dqn_loss(torch.as_tensor(b_act, device=device), targets)
-                    stats = step(_as_tensor(b_obs, device), loss_fn, where=f"episode {episode}")
+                    stats = step(_as_tensor(b_obs, device), loss_fn, where=f"episode {episode + 1}")
                     losses.append(stats["loss"])
                     norms.append(stats["grad_norm"])
                     ep_evals += stats["circuit_evals"]

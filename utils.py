@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import random
+import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -154,10 +157,108 @@ def check_tracking_uri(uri: str, timeout_s: float = 3.0) -> None:
         )
 
 
-def mlflow_client(uri: str):
+class RetryingClient:
+    """An ``MlflowClient`` whose calls retry when SQLite reports "database is locked".
+
+    With ``--jobs N`` several processes write one SQLite file; WAL mode (:func:`prepare_store`)
+    lets readers and one writer work at once, and a writer that still finds the file locked
+    waits with exponential backoff (50 ms doubling to 2 s, about 30 s in all) instead of losing
+    the metric. ``retries`` counts the waits.
+    """
+
+    LOCKED = ("database is locked", "database table is locked")
+
+    def __init__(self, client, attempts: int = 20, first_delay_s: float = 0.05, max_delay_s: float = 2.0):
+        self._client = client
+        self._attempts, self._first, self._max = attempts, first_delay_s, max_delay_s
+        self.retries = 0
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            delay = self._first
+            for attempt in range(self._attempts):
+                try:
+                    return attr(*args, **kwargs)
+                except Exception as exc:
+                    if attempt == self._attempts - 1 or not any(text in str(exc) for text in self.LOCKED):
+                        raise
+                self.retries += 1
+                time.sleep(delay * (1 + random.random()))
+                delay = min(2 * delay, self._max)
+
+        return call
+
+
+def mlflow_client(uri: str) -> RetryingClient:
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    return RetryingClient(MlflowClient(tracking_uri=uri))
+
+
+def prepare_store(uri: str) -> None:
+    """Put a SQLite store in WAL mode (persistent in the file), so parallel runs can log at once."""
+    if uri.startswith("sqlite:///"):
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(uri[len("sqlite:///") :], timeout=30)) as db:
+            db.execute("PRAGMA journal_mode=WAL")
+
+
+# ---------------------------------------------------------------------------------------------
+# Which process owns a run (to tell a dead sweep's RUNNING runs from a live one's)
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def _process_start(pid: int) -> str | None:
+    """Start time of process ``pid`` (clock ticks since boot, Linux; "" on systems without /proc),
+    or None when there is no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        pass
+    if Path("/proc").is_dir():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return ""
+
+
+def process_owner() -> str:
+    """``host|boot id|pid|start time`` of this process: the ``sweep.owner`` tag of its runs."""
+    pid = os.getpid()
+    return f"{socket.gethostname()}|{_boot_id()}|{pid}|{_process_start(pid) or ''}"
+
+
+def owner_alive(owner: str, heartbeat: float | None, stale_after_s: float = 300.0) -> bool:
+    """Whether the sweep process ``owner`` (from :func:`process_owner`) still runs.
+
+    Same host: the same boot, and a process with that pid and start time (a reboot or a reused
+    pid means dead). Another host: its last heartbeat is less than ``stale_after_s`` old.
+    """
+    try:
+        host, boot, pid, start = owner.split("|")
+    except ValueError:
+        return False
+    if host != socket.gethostname():
+        return heartbeat is not None and time.time() - heartbeat < stale_after_s
+    if boot != _boot_id():
+        return False
+    now_start = _process_start(int(pid))
+    return now_start is not None and (now_start == start or "" in (start, now_start))
 
 
 def get_or_create_experiment(client, name: str) -> str:
@@ -179,8 +280,6 @@ def log_params(client, run_id: str, params: dict[str, Any]) -> None:
 
 def log_metrics(client, run_id: str, metrics: dict[str, float], step: int) -> None:
     """Log finite metrics at ``step`` in one synchronous batch (None and NaN are skipped)."""
-    import time
-
     from mlflow.entities import Metric
 
     now_ms = int(time.time() * 1000)
