@@ -15,6 +15,8 @@ Sections (all on the published REINFORCE policy of configs/cartpole_reinforce.ya
   TensorCircuit, the XLA compilation, into an empty cache) apart from the steady state.
 - ``throughput``: CartPole REINFORCE training, environment steps per second (with and without
   the compile time), per backend x method.
+- ``memory``: peak RSS of a fresh process during a 500-episode reference REINFORCE run (classical
+  and TensorCircuit backprop), episode 100 against episode 500.
 
 Times are medians over repeated calls after one warm-up call; ratios are to the classical
 baseline measured in the same process. Results go to ``--out`` (bench.md, one CSV per section,
@@ -43,7 +45,7 @@ import yaml  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 REFERENCE_CONFIG = ROOT / "configs" / "cartpole_reinforce.yaml"
-SECTIONS = ("forward", "gradient", "scaling", "throughput")
+SECTIONS = ("forward", "gradient", "scaling", "throughput", "memory")
 EXPERIMENT_NAME = "benchmarks"
 
 
@@ -56,6 +58,7 @@ class Sizes:
         # A padded shape no other section uses, so every first call here is a cold compilation.
         self.scaling_batch = 20 if quick else 64
         self.throughput_episodes = 10 if quick else 30
+        self.memory_episodes = (20, 60) if quick else (100, 500)  # RSS compared between these episodes
         self.budget_s = 0.3 if quick else 1.0  # time spent repeating one measurement (at least 3 calls)
 
 
@@ -241,6 +244,51 @@ def bench_throughput(sizes: Sizes, log: Callable[[str], None]) -> list[dict]:
     return with_ratios(rows, key=(), value="steps_per_s", inverse=True)
 
 
+MEMORY_PROBE = """
+import json, sys
+sys.path.insert(0, {root!r})
+import bench
+from train import NullReporter, train
+
+class RSS(NullReporter):
+    def __init__(self):
+        self.peak_mb = {{}}
+
+    def metrics(self, values, step):
+        status = open("/proc/self/status").read().split("\\n")
+        self.peak_mb[step + 1] = next(int(l.split()[1]) for l in status if l.startswith("VmHWM")) / 1024
+
+reporter = RSS()
+exp = bench.reference_experiment({backend!r}, "backprop", training={{"episodes": {episodes}, "stop_avg_return": None}})
+result = train(exp, 0, reporter)
+print(json.dumps({{"peak_mb": reporter.peak_mb, "env_steps": result.env_steps, "train_s": result.wall_s}}))
+"""
+
+
+def bench_memory(sizes: Sizes, log: Callable[[str], None]) -> list[dict]:
+    """Peak RSS (VmHWM) of a fresh process training the reference REINFORCE policy, read after each
+    episode: the growth between the two episodes of ``sizes.memory_episodes`` (Linux only)."""
+    import json
+    import subprocess
+
+    early, late = sizes.memory_episodes
+    rows = []
+    for backend in ("classical", "tensorcircuit"):
+        if not any(b == backend for b, _ in sizes.pairs) or not Path("/proc/self/status").exists():
+            continue
+        code = MEMORY_PROBE.format(root=str(ROOT), backend=backend, episodes=late)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        probe = json.loads(proc.stdout.strip().splitlines()[-1])
+        peak = {int(k): v for k, v in probe["peak_mb"].items()}
+        at_early, at_late = peak[max(k for k in peak if k <= early)], peak[max(peak)]
+        rows.append({"backend": backend, "method": "backprop", "episodes": max(peak), "env_steps": probe["env_steps"],
+                     "train_s": probe["train_s"], f"peak_rss_mb_at_{early}": at_early, f"peak_rss_mb_at_{late}": at_late,
+                     "growth_pct": 100 * (at_late / at_early - 1)})
+        log(f"memory   {backend:13s} backprop: peak RSS {at_early:.0f} MB at episode {early}, {at_late:.0f} MB at {late} "
+            f"({rows[-1]['growth_pct']:+.1f} %)")
+    return rows
+
+
 def with_ratios(rows: list[dict], key: tuple[str, ...], value: str, inverse: bool = False) -> list[dict]:
     """Add ``x_classical``: value / classical backprop's value at the same key (inverse: the other
     way round, for rates), so 10 means ten times slower than the classical baseline."""
@@ -305,6 +353,16 @@ def markdown(results: dict[str, list[dict]], machine: dict[str, str]) -> str:
             out.append(f"| {r['backend']} | {r['method']} | {r['env_steps']} | {fmt(r['train_s'])} | {fmt(r['compile_s'], 2)} | "
                        f"{fmt(r['steps_per_s'])} | {fmt(r['steps_per_s_after_compile'])} | {fmt(r['x_classical'], 2)} | "
                        f"{fmt(r['compiles_after_warmup'])} |")
+        out.append("")
+    if results.get("memory"):
+        rows = results["memory"]
+        early_key, late_key = [k for k in rows[0] if k.startswith("peak_rss_mb_at_")]
+        early, late = early_key.rsplit("_", 1)[1], late_key.rsplit("_", 1)[1]
+        out += [f"## Memory: peak RSS of a {late}-episode reference REINFORCE run, episode {early} against {late}", "",
+                f"| backend | method | env steps | train s | peak RSS MB at {early} | at {late} | growth |", "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            out.append(f"| {r['backend']} | {r['method']} | {r['env_steps']} | {fmt(r['train_s'])} | {r[early_key]:.0f} | "
+                       f"{r[late_key]:.0f} | {r['growth_pct']:+.1f} % |")
         out.append("")
     return "\n".join(out)
 
@@ -378,6 +436,8 @@ def write_outputs(out: Path, results: dict[str, list[dict]], text: str) -> list[
     files = [out / "bench.md"]
     files[0].write_text(text)
     for section, rows in results.items():
+        if not rows:
+            continue
         path = out / f"{section}.csv"
         with path.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -412,6 +472,8 @@ def log_to_mlflow(tracking_uri: str, results: dict[str, list[dict]], machine: di
         metrics[f"gradient_circuit_evals/{r['backend']}/{r['method']}"] = r["circuit_evals"]
     for r in results.get("throughput", []):
         metrics[f"throughput_steps_per_s/{r['backend']}/{r['method']}"] = r["steps_per_s"]
+    for r in results.get("memory", []):
+        metrics[f"memory_growth_pct/{r['backend']}/{r['method']}"] = r["growth_pct"]
     log_metrics(client, run_id, metrics, 0)
     for r in results.get("scaling", []):
         prefix = f"scaling/{r['backend']}/{r['method']}"
@@ -443,6 +505,8 @@ def run_sections(sections: list[str], sizes: Sizes) -> tuple[dict[str, list[dict
             results["scaling"] = bench_scaling(sizes, methods, log)
     if "throughput" in sections:
         results["throughput"] = bench_throughput(sizes, log)
+    if "memory" in sections:
+        results["memory"] = bench_memory(sizes, log)
     return results, time.perf_counter() - start
 
 
