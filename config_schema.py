@@ -86,7 +86,12 @@ class PennyLaneConfig(_Strict):
 
 class TensorCircuitConfig(_Strict):
     math_backend: Literal["jax", "pytorch"] = "jax"
-    """jax: jit + vmap through ``tc.interfaces.torch_interface``; pytorch: torch autograd directly."""
+    """jax: scanned layers, jit + vmap, padded batch shapes; pytorch: torch autograd directly (MAML)."""
+
+
+class RayConfig(_Strict):
+    num_cpus: float = Field(1.0, gt=0, le=1024)
+    """CPUs Ray reserves for one run of this experiment (``run.py --executor ray``)."""
 
 
 class LearningRates(_Strict):
@@ -295,6 +300,8 @@ class ExperimentConfig(_Strict):
     timeout_s: float = Field(600.0, gt=0, le=7 * 24 * 3600)
     """Hard wall-clock limit of one run (its own process is killed at this time)."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    ray: RayConfig = RayConfig()
+    """Resources of one run under ``run.py --executor ray``."""
 
     @field_validator("seeds")
     @classmethod

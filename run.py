@@ -30,6 +30,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def connect_ray(address: str | None, tracking_uri: str):
+    """(RayExecutor, None), or (None, the one-line reason it cannot be used)."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return None, "--executor ray needs the ray package (pip install ray)"
+    from runner import RayExecutor
+    from utils import is_local_node
+
+    try:
+        executor = RayExecutor(address)
+    except Exception as exc:  # noqa: BLE001 - any failure to join the cluster ends here, in one line
+        return None, f"--ray-address {address or '(local)'}: cannot connect to Ray ({' '.join(str(exc).split())[:300]})"
+    nodes = executor.nodes()
+    if tracking_uri.startswith("sqlite:") and not (len(nodes) == 1 and is_local_node(nodes[0])):
+        executor.close()
+        return None, (f"tracking URI {tracking_uri} is a file on this machine, but the Ray cluster has {len(nodes)} nodes; "
+                      "give every node a tracking server: --tracking-uri http://HOST:PORT (see README 'Scaling out')")
+    return executor, None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-c", "--config", default="config.yaml", help="sweep file (default: config.yaml)")
@@ -42,6 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--experiment-name", help="MLflow experiment name (default: from the config)")
     p.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
                    help="run up to N experiments at once, each in its own process (default 1)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: processes on this machine (default); ray: Ray tasks on a cluster")
+    p.add_argument("--ray-address", metavar="auto|HOST:PORT",
+                   help="Ray cluster to join (default: start a single-node Ray on this machine)")
     p.add_argument("--resume", action="store_true",
                    help="skip runs that already PASSED with the same resolved config in this MLflow experiment, "
                         "continue TIMED_OUT / KILLED runs from their last checkpoint, run the rest")
@@ -79,15 +104,24 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"--- {r.name}")
                 print(yaml.safe_dump(r.exp.model_dump(mode="json"), sort_keys=False).rstrip())
         return 0
+    if args.ray_address and args.executor != "ray":
+        print("error: --ray-address needs --executor ray", file=sys.stderr)
+        return 2
     try:
         check_tracking_uri(tracking_uri)
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    executor = None
+    if args.executor == "ray":
+        executor, error = connect_ray(args.ray_address, tracking_uri)
+        if error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
 
     from runner import Sweep
 
-    sweep = Sweep(cfg, tracking_uri, experiment_name, jobs=args.jobs, resume=args.resume)
+    sweep = Sweep(cfg, tracking_uri, experiment_name, jobs=args.jobs, resume=args.resume, executor=executor)
     outcomes = sweep.run()
     if sweep.interrupted:
         return 130

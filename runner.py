@@ -204,18 +204,18 @@ def _load_checkpoint(client, run_id: str) -> tuple[dict, int]:
     return state, max((m.step for m in history), default=-1)
 
 
-def _worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_id: str, events: Connection,
-            resume: bool = False) -> None:
-    """Train one run; ``events`` (the sending end of a pipe) carries progress, then the result or
-    the error. ``resume``: continue from the run's checkpoint."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C for the sweep
-    _die_with_parent()
+def _run_worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_id: str, events, resume: bool,
+                tags: dict[str, str] | None = None) -> bool:
+    """Train one run, logging to its MLflow run; ``events`` (anything with ``send``) carries
+    progress, then ("done", summary) or ("error", message). Returns whether it succeeded."""
     import torch
 
     from train import train
 
     client = mlflow_client(tracking_uri)
     try:
+        for key, value in (tags or {}).items():
+            client.set_tag(run_id, key, value)
         exp = ExperimentConfig.model_validate(exp_data)
         state, logged_through = _load_checkpoint(client, run_id) if resume else (None, -1)
         reporter = _WorkerReporter(client, run_id, run_name, events, logged_through)
@@ -228,12 +228,22 @@ def _worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_id:
         for artifact, fig in result.figures(run_name).items():
             _log_figure(client, run_id, fig, artifact)
         events.send(("done", result.summary()))
+        return True
     except BaseException as exc:  # noqa: BLE001 - recorded as FAILED by the parent, never swallowed
         message = f"{type(exc).__name__}: {exc}"
         try:
             client.log_text(run_id, traceback.format_exc(), "traceback.txt")
         finally:
             events.send(("error", message))
+        return False
+
+
+def _worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_id: str, events: Connection,
+            resume: bool = False) -> None:
+    """The local executor's worker process; ``events`` is the sending end of a pipe."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C for the sweep
+    _die_with_parent()
+    if not _run_worker(exp_data, seed, run_name, tracking_uri, run_id, events, resume):
         sys.exit(1)
 
 
@@ -434,17 +444,175 @@ def config_hash(spec: RunSpec) -> str:
 
 @dataclass
 class _Job:
-    """A run being executed: its worker process, the pipe it reports on, its deadline."""
+    """A run being executed: what its executor tracks it by, its deadline, what it reported."""
 
     spec: RunSpec
     index: int
     outcome: RunOutcome
-    proc: Any
-    receiver: Connection
+    handle: Any = None
+    """The local executor's worker process, or the Ray executor's object reference."""
+    receiver: Connection | None = None
     start: float = 0.0
     deadline: float = float("inf")
     received: dict = field(default_factory=dict)
-    eof: bool = False
+    node: str | None = None
+
+
+def _forkserver_context():
+    # Python 3.11's forkserver does not apply the parent's sys.path before preloading and
+    # skips modules it cannot import without a word; run.py started from another directory
+    # would then preload none of the project's modules. The forkserver inherits the environment.
+    project = str(Path(__file__).resolve().parent)
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if project not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([project, *filter(None, paths)])
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    # Start it now: its imports (several seconds) overlap the parent's MLflow set-up.
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()
+    return ctx
+
+
+class LocalExecutor:
+    """Every run in its own process, forked from a server that has preloaded the heavy libraries;
+    the worker reports over a pipe; past its deadline the process is killed."""
+
+    name = "local"
+
+    def __init__(self):
+        self.ctx = _forkserver_context()
+
+    def submit(self, job: _Job, args: tuple) -> None:
+        receiver, sender = self.ctx.Pipe(duplex=False)
+        job.receiver = receiver
+        job.handle = self.ctx.Process(target=_worker, args=(*args[:5], sender, *args[5:]), name=job.spec.name)
+        job.start = time.monotonic()
+        job.deadline = job.start + job.spec.exp.timeout_s
+        try:
+            job.handle.start()
+        finally:
+            sender.close()  # the worker holds the sending end now: its exit shows here as end of file
+
+    def events(self, job: _Job) -> tuple[list, bool]:
+        """What the worker sent since the last call, and whether it has ended."""
+        out = []
+        try:
+            while job.receiver.poll():
+                out.append(job.receiver.recv())
+        except EOFError:  # the worker has exited and everything it sent is read
+            return out, True
+        return out, not job.handle.is_alive() and not job.receiver.poll()
+
+    def kill(self, job: _Job) -> None:
+        if job.handle is not None:
+            _stop(job.handle)
+
+    def finish(self, job: _Job) -> bool:
+        """Reap the worker; whether it exited cleanly."""
+        if job.handle is None:
+            return False
+        if job.handle.pid is not None:  # started
+            job.handle.join()
+        job.receiver.close()  # (a killed writer may have left half a message: it is not read)
+        return job.handle.exitcode == 0
+
+    def wait(self, jobs: list[_Job], timeout: float) -> None:
+        started = [j for j in jobs if j.handle is not None and j.handle.pid is not None]
+        handles = [j.receiver for j in started if not j.receiver.closed] + [j.handle.sentinel for j in started]
+        wait_for_any(handles, timeout=timeout)
+
+    def close(self) -> None:
+        pass
+
+
+class _QueueEvents:
+    """``send`` for a Ray task: events go to the driver through a Ray queue, tagged with the run."""
+
+    def __init__(self, queue, index: int):
+        self.queue, self.index = queue, index
+
+    def send(self, event) -> None:
+        self.queue.put((self.index, event))
+
+
+def _ray_task(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_id: str, resume: bool, queue,
+              index: int) -> bool:
+    """One run as a Ray task: the same worker as the local executor, tagged with its node."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    events = _QueueEvents(queue, index)
+    events.send(("started", node_id))
+    return _run_worker(exp_data, seed, run_name, tracking_uri, run_id, events, resume, tags={"ray.node_id": node_id})
+
+
+class RayExecutor:
+    """Every run as a Ray task (``ray.num_cpus`` CPUs each, spread over the nodes). The deadline
+    counts from when the task starts on a node; past it the task is cancelled by force (its
+    worker process is killed) and the run is TIMED_OUT. Ray is imported only here."""
+
+    name = "ray"
+    POLL_S = 0.2
+
+    def __init__(self, address: str | None = None):
+        import ray
+        from ray.util.queue import Queue
+
+        project = str(Path(__file__).resolve().parent)
+        env = {"PYTHONPATH": project, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        ray.init(address=address, runtime_env={"env_vars": env}, logging_level="ERROR", log_to_driver=False,
+                 configure_logging=False)
+        self.ray = ray
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.remote = ray.remote(max_retries=0)(_ray_task)
+        self.pending: dict[int, list] = {}
+
+    def nodes(self) -> list[dict]:
+        return [n for n in self.ray.nodes() if n.get("Alive")]
+
+    def submit(self, job: _Job, args: tuple) -> None:
+        job.start = time.monotonic()
+        job.handle = self.remote.options(num_cpus=job.spec.exp.ray.num_cpus, scheduling_strategy="SPREAD").remote(
+            *args, self.queue, job.index)
+
+    def _drain(self) -> None:
+        size = self.queue.qsize()
+        if size:
+            for index, event in self.queue.get_nowait_batch(size):
+                self.pending.setdefault(index, []).append(event)
+
+    def events(self, job: _Job) -> tuple[list, bool]:
+        ready, _ = self.ray.wait([job.handle], timeout=0)  # first: a finished task's events are all queued
+        self._drain()
+        out = []
+        for event in self.pending.pop(job.index, []):
+            if event[0] == "started":
+                job.start = time.monotonic()
+                job.deadline = job.start + job.spec.exp.timeout_s
+                job.node = event[1]
+            else:
+                out.append(event)
+        return out, bool(ready)
+
+    def kill(self, job: _Job) -> None:
+        if job.handle is not None:
+            self.ray.cancel(job.handle, force=True)
+
+    def finish(self, job: _Job) -> bool:
+        if job.handle is None:
+            return False
+        try:
+            return bool(self.ray.get(job.handle, timeout=30))
+        except Exception:  # noqa: BLE001 - cancelled or crashed: the status is decided from what was received
+            return False
+
+    def wait(self, jobs: list[_Job], timeout: float) -> None:
+        time.sleep(max(0.0, min(timeout, self.POLL_S)))
+
+    def close(self) -> None:
+        self.ray.shutdown()
 
 
 class Sweep:
@@ -452,7 +620,7 @@ class Sweep:
     HEARTBEAT_S = 30.0
 
     def __init__(self, cfg: SweepConfig, tracking_uri: str, experiment_name: str, live: bool | None = None,
-                 jobs: int = 1, resume: bool = False):
+                 jobs: int = 1, resume: bool = False, executor: LocalExecutor | RayExecutor | None = None):
         if jobs < 1:
             raise ValueError(f"jobs must be at least 1, got {jobs}")
         self.cfg = cfg
@@ -461,6 +629,7 @@ class Sweep:
         self.live = sys.stdout.isatty() if live is None else live
         self.jobs = jobs
         self.resume = resume
+        self.executor = executor
         self.runs = expand(cfg)
         self.interrupted = False
         self.parent_run_id: str | None = None
@@ -471,22 +640,6 @@ class Sweep:
         commit = git_commit(Path(__file__).parent)
         if commit:
             self.environment_tags["git_commit"] = commit
-
-    def _context(self):
-        # Python 3.11's forkserver does not apply the parent's sys.path before preloading and
-        # skips modules it cannot import without a word; run.py started from another directory
-        # would then preload none of the project's modules. The forkserver inherits the environment.
-        project = str(Path(__file__).resolve().parent)
-        paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
-        if project not in paths:
-            os.environ["PYTHONPATH"] = os.pathsep.join([project, *filter(None, paths)])
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(PRELOAD)
-        # Start it now: its imports (several seconds) overlap the parent's MLflow set-up.
-        from multiprocessing import forkserver
-
-        forkserver.ensure_running()
-        return ctx
 
     # -- before any run starts ------------------------------------------------------------------
 
@@ -589,25 +742,15 @@ class Sweep:
 
     # -- executing ------------------------------------------------------------------------------
 
-    def _start(self, ctx, client, experiment_id: str, spec: RunSpec, index: int, action: str, prior,
-               display: _Display, active: list[_Job]) -> None:
+    def _start(self, client, experiment_id: str, spec: RunSpec, index: int, action: str, prior, display: _Display,
+               active: list[_Job]) -> None:
         run_id = self._reopen(client, prior) if action == "resume" else self._create_child(client, experiment_id, spec)
-        receiver, sender = ctx.Pipe(duplex=False)
-        proc = ctx.Process(
-            target=_worker,
-            args=(spec.exp.model_dump(mode="json"), spec.seed, spec.name, self.tracking_uri, run_id, sender, action == "resume"),
-            name=spec.name,
-        )
-        job = _Job(spec, index, RunOutcome(spec, "FAILED", 0.0, run_id=run_id), proc, receiver)
+        job = _Job(spec, index, RunOutcome(spec, "FAILED", 0.0, run_id=run_id))
         note = f" (resuming from episode {prior.data.tags['checkpoint_episode']})" if action == "resume" else ""
         display.start_run(spec.name, spec.exp.total_steps, PROGRESS_LABEL[spec.exp.task], note)
-        active.append(job)  # before start: a Ctrl-C while the forkserver preloads still finds it
-        job.start = time.monotonic()
-        job.deadline = job.start + spec.exp.timeout_s
-        try:
-            proc.start()
-        finally:
-            sender.close()  # the worker holds the sending end now: its exit shows here as end of file
+        active.append(job)  # before the submission: a Ctrl-C while the forkserver preloads still finds it
+        args = (spec.exp.model_dump(mode="json"), spec.seed, spec.name, self.tracking_uri, run_id, action == "resume")
+        self.executor.submit(job, args)
 
     def _handle(self, job: _Job, event, display: _Display) -> None:
         kind = event[0]
@@ -619,29 +762,25 @@ class Sweep:
 
     def _poll(self, client, job: _Job, display: _Display) -> bool:
         """Handle what the worker sent; complete the job if it ended or is past its deadline."""
-        try:
-            while job.receiver.poll():
-                self._handle(job, job.receiver.recv(), display)
-        except EOFError:  # the worker has exited and everything it sent is handled
-            job.eof = True
-        if not job.eof and job.proc.is_alive():
+        events, ended = self.executor.events(job)
+        for event in events:
+            self._handle(job, event, display)
+        if not ended:
             if time.monotonic() < job.deadline:
                 return False
             job.outcome.status = "TIMED_OUT"
             job.outcome.error = f"exceeded timeout_s={job.spec.exp.timeout_s:g} at episode {job.outcome.episodes_done}"
-            _stop(job.proc)
+            self.executor.kill(job)
         self._complete(client, job)
         return True
 
     def _complete(self, client, job: _Job) -> None:
         outcome, spec = job.outcome, job.spec
-        if job.proc.pid is not None:  # started
-            job.proc.join()
+        clean_exit = self.executor.finish(job)
         outcome.wall_s = time.monotonic() - job.start
-        job.receiver.close()  # (a killed writer may have left half a message: it is not read)
         if outcome.status not in ("TIMED_OUT", "KILLED"):  # the worker ended on its own
             result, error = job.received.get("done"), job.received.get("error")
-            if result is not None and job.proc.exitcode == 0:
+            if result is not None and clean_exit:
                 outcome.status = "PASSED"
                 outcome.final_avg_return = result["final_avg_return"]
                 outcome.final_fidelity = result["final_fidelity"]
@@ -651,7 +790,7 @@ class Sweep:
                 client.set_tag(outcome.run_id, "summary", json.dumps(result))
             else:
                 outcome.status = "FAILED"
-                outcome.error = error or f"worker exited with code {job.proc.exitcode} without a result"
+                outcome.error = error or "the worker ended without a result (crashed or killed)"
         if spec.exp.backend == "classical":
             outcome.grad_circuit_evals = outcome.total_circuit_evals = None
         if outcome.status != "PASSED":
@@ -670,10 +809,8 @@ class Sweep:
 
     def _wait(self, active: list[_Job]) -> None:
         """Sleep until a worker sends something or exits, a deadline passes, or a heartbeat is due."""
-        handles = [j.receiver for j in active if not j.eof] + [j.proc.sentinel for j in active if j.proc.pid is not None]
         now = time.monotonic()
-        timeout = min([j.deadline - now for j in active] + [self.HEARTBEAT_S])
-        wait_for_any(handles, timeout=max(0.0, timeout))
+        self.executor.wait(active, max(0.0, min([j.deadline - now for j in active] + [self.HEARTBEAT_S])))
 
     def _heartbeat(self, client) -> None:
         if time.monotonic() - self._last_heartbeat >= self.HEARTBEAT_S:
@@ -683,7 +820,8 @@ class Sweep:
     def run(self) -> list[RunOutcome]:
         from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
-        ctx = self._context()
+        if self.executor is None:
+            self.executor = LocalExecutor()
         client = mlflow_client(self.tracking_uri)
         experiment_id = get_or_create_experiment(client, self.experiment_name)
         prepare_store(self.tracking_uri)
@@ -701,7 +839,7 @@ class Sweep:
         self.parent_run_id = parent.info.run_id
         self._heartbeat(client)
         log_params(client, self.parent_run_id, {"config": self.cfg.source, "n_runs": len(self.runs), "jobs": self.jobs,
-                                                "resume": self.resume})
+                                                "resume": self.resume, "executor": self.executor.name})
         client.log_text(self.parent_run_id, yaml.safe_dump(
             {"experiments": [e.model_dump(mode="json") for e in self.cfg.experiments]}, sort_keys=False), "sweep_config.yaml")
         display = _Display(len(self.runs), self.live)
@@ -717,7 +855,7 @@ class Sweep:
                         outcomes[index] = self._reused(spec, prior)
                         display.end_run(outcomes[index])
                         continue
-                    self._start(ctx, client, experiment_id, spec, index, action, prior, display, active)
+                    self._start(client, experiment_id, spec, index, action, prior, display, active)
                 if not active:
                     continue
                 self._wait(active)
@@ -730,7 +868,7 @@ class Sweep:
         except KeyboardInterrupt:
             self.interrupted = True
             for job in active:
-                _stop(job.proc)
+                self.executor.kill(job)
                 job.outcome.status = "KILLED"
                 job.outcome.error = f"sweep interrupted at episode {job.outcome.episodes_done}"
                 self._complete(client, job)

@@ -243,6 +243,16 @@ def process_owner() -> str:
     return f"{socket.gethostname()}|{_boot_id()}|{pid}|{_process_start(pid) or ''}"
 
 
+def is_local_node(node: dict) -> bool:
+    """Whether a Ray node (an entry of ``ray.nodes()``) runs on this machine."""
+    address = node.get("NodeManagerAddress", "")
+    try:
+        local = {"127.0.0.1", "localhost", socket.gethostname()} | set(socket.gethostbyname_ex(socket.gethostname())[2])
+    except OSError:
+        local = {"127.0.0.1", "localhost", socket.gethostname()}
+    return address in local or node.get("NodeManagerHostname") == socket.gethostname()
+
+
 def owner_alive(owner: str, heartbeat: float | None, stale_after_s: float = 300.0) -> bool:
     """Whether the sweep process ``owner`` (from :func:`process_owner`) still runs.
 
