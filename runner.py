@@ -562,6 +562,8 @@ class RayExecutor:
 
         project = str(Path(__file__).resolve().parent)
         env = {"PYTHONPATH": project, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        if FAULT_ENV in os.environ:  # the test hook reaches the workers Ray starts on every node
+            env[FAULT_ENV] = os.environ[FAULT_ENV]
         ray.init(address=address, runtime_env={"env_vars": env}, logging_level="ERROR", log_to_driver=False,
                  configure_logging=False)
         self.ray = ray
