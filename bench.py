@@ -11,8 +11,8 @@ Sections (all on the published REINFORCE policy of configs/cartpole_reinforce.ya
 - ``gradient``: one gradient step on a recorded batch of 1000 CartPole transitions (REINFORCE
   loss), with the circuits it executes.
 - ``scaling``: 2 to 12 qubits at the same depth for the fastest gradient method of each quantum
-  backend (fastest exact method in the gradient section), batch 64: the first call (for
-  TensorCircuit, the XLA compilation, into an empty cache) apart from the steady state.
+  backend (fastest exact method in the gradient section), 4 layers, batch 100: the first call
+  (for TensorCircuit, the XLA compilation, into an empty cache) apart from the steady state.
 - ``throughput``: CartPole REINFORCE training, environment steps per second (with and without
   the compile time), per backend x method.
 - ``memory``: peak RSS of a fresh process during a 500-episode reference REINFORCE run (classical
@@ -55,8 +55,7 @@ class Sizes:
         self.forward_batches = (1, 10, 100) if quick else (1, 10, 100, 1000)
         self.gradient_batch = 100 if quick else 1000
         self.qubits = (2, 4) if quick else (2, 4, 6, 8, 10, 12)
-        # A padded shape no other section uses, so every first call here is a cold compilation.
-        self.scaling_batch = 20 if quick else 64
+        self.scaling_batch = 20 if quick else 100
         self.throughput_episodes = 10 if quick else 30
         self.memory_episodes = (20, 60) if quick else (100, 500)  # RSS compared between these episodes
         self.budget_s = 0.3 if quick else 1.0  # time spent repeating one measurement (at least 3 calls)
@@ -182,6 +181,8 @@ def bench_gradient(sizes: Sizes, log: Callable[[str], None]) -> list[dict]:
 
 
 EXACT_METHODS = ("backprop", "adjoint", "parameter-shift")
+#: A depth no other section uses: every first call of the scaling section is a cold compilation.
+SCALING_LAYERS = 4
 
 
 def fastest_methods(gradient_rows: list[dict], pairs: list[tuple[str, str]]) -> dict[str, str]:
@@ -210,7 +211,7 @@ def bench_scaling(sizes: Sizes, methods: dict[str, str], log: Callable[[str], No
     rows = []
     for backend, gradient in methods.items():
         for n_qubits in sizes.qubits:
-            exp = reference_experiment(backend, gradient, model={"n_qubits": n_qubits, "observables": "auto"})
+            exp = reference_experiment(backend, gradient, model={"n_qubits": n_qubits, "n_layers": SCALING_LAYERS, "observables": "auto"})
             model = build_model(exp, 4, 2, seed=0)
             first_fwd, fwd, _ = median_time(partial(no_grad_forward, model, obs), sizes.budget_s)
             step = partial(GradientStep(model, exp, seed=0), obs, loss_fn, "bench")
@@ -335,7 +336,8 @@ def markdown(results: dict[str, list[dict]], machine: dict[str, str]) -> str:
         out.append("")
     if "scaling" in results:
         batch = results["scaling"][0]["batch"]
-        out += [f"## Qubit scaling (5 layers, batch {batch}, fastest exact gradient): first call (compile) apart from the steady state", "",
+        out += [f"## Qubit scaling ({SCALING_LAYERS} layers, batch {batch}, fastest exact gradient): first call (cold compile) apart from "
+                "the steady state", "",
                 "| backend | method | qubits | first forward s | forward ms | first gradient s | gradient ms | compiles |",
                 "|---|---|---|---|---|---|---|---|"]
         for r in results["scaling"]:
@@ -398,7 +400,7 @@ def figure(results: dict[str, list[dict]]):
         line = ax.plot(q, [r["gradient_ms"] / 1e3 for r in rows_b], marker="o", label=f"{label} gradient (steady)")[0]
         ax.plot(q, [r["first_gradient_s"] + r["first_forward_s"] for r in rows_b], ls="--", marker="x",
                 color=line.get_color(), label=f"{label} first calls (compile)")
-    ax.set(yscale="log", xlabel="qubits", ylabel="s", title="Qubit scaling (5 layers)")
+    ax.set(yscale="log", xlabel="qubits", ylabel="s", title=f"Qubit scaling ({SCALING_LAYERS} layers)")
     if by_backend:
         ax.legend(fontsize=7)
     ax = axes[1, 1]

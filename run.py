@@ -61,8 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="override a field in every experiment (mlflow.* for the mlflow section); repeatable")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: config, $MLFLOW_TRACKING_URI, sqlite:///mlflow.db)")
     p.add_argument("--experiment-name", help="MLflow experiment name (default: from the config)")
-    p.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
-                   help="run up to N experiments at once, each in its own process (default 1)")
+    p.add_argument("--jobs", type=_positive_int, metavar="N",
+                   help="run up to N experiments at once, each in its own process "
+                        "(default: 1; with --executor ray, the cluster's CPU count)")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: processes on this machine (default); ray: Ray tasks on a cluster")
     p.add_argument("--ray-address", metavar="auto|HOST:PORT",
@@ -121,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from runner import Sweep
 
-    sweep = Sweep(cfg, tracking_uri, experiment_name, jobs=args.jobs, resume=args.resume, executor=executor)
+    jobs = args.jobs or (executor.total_cpus() if executor is not None else 1)
+    sweep = Sweep(cfg, tracking_uri, experiment_name, jobs=jobs, resume=args.resume, executor=executor)
     outcomes = sweep.run()
     if sweep.interrupted:
         return 130

@@ -574,6 +574,9 @@ class RayExecutor:
     def nodes(self) -> list[dict]:
         return [n for n in self.ray.nodes() if n.get("Alive")]
 
+    def total_cpus(self) -> int:
+        return max(1, int(sum(n.get("Resources", {}).get("CPU", 0) for n in self.nodes())))
+
     def submit(self, job: _Job, args: tuple) -> None:
         job.start = time.monotonic()
         job.handle = self.remote.options(num_cpus=job.spec.exp.ray.num_cpus, scheduling_strategy="SPREAD").remote(
