@@ -8,10 +8,14 @@ it logged. The worker logs metrics as it trains; the parent alone decides the fi
 - PASSED: the worker returned a result.
 - FAILED: the worker raised (message in tag ``error``, ``traceback.txt`` artifact) or died.
 - TIMED_OUT: still running at ``timeout_s``; the process is killed wherever it is.
-- KILLED: the sweep was interrupted (Ctrl-C) while the run was going.
+- KILLED: the sweep was interrupted (Ctrl-C) while the run was going, or the sweep process died
+  (the next invocation finds the run left RUNNING and marks it).
 
-Workers come from a ``forkserver`` that has already imported torch, gymnasium, PennyLane,
-TensorCircuit and MLflow, so a run starts in milliseconds instead of seconds.
+Executors: :class:`LocalExecutor` (processes from a ``forkserver`` that has already imported
+torch, gymnasium, PennyLane, TensorCircuit and MLflow, so a run starts in milliseconds) and
+:class:`RayExecutor` (Ray tasks on a cluster). Up to ``jobs`` runs go at once, each with its own
+deadline. ``resume`` reuses runs that PASSED with the same :func:`config_hash` and continues
+TIMED_OUT / KILLED ones from their checkpoints in the same MLflow run.
 """
 
 from __future__ import annotations
@@ -455,7 +459,6 @@ class _Job:
     start: float = 0.0
     deadline: float = float("inf")
     received: dict = field(default_factory=dict)
-    node: str | None = None
 
 
 def _forkserver_context():
@@ -596,7 +599,6 @@ class RayExecutor:
             if event[0] == "started":
                 job.start = time.monotonic()
                 job.deadline = job.start + job.spec.exp.timeout_s
-                job.node = event[1]
             else:
                 out.append(event)
         return out, bool(ready)
