@@ -271,7 +271,22 @@ def owner_alive(owner: str, heartbeat: float | None, stale_after_s: float = 300.
     return now_start is not None and (now_start == start or "" in (start, now_start))
 
 
-def get_or_create_experiment(client, name: str) -> str:
+def get_or_create_experiment(client, name: str, attempts: int = 5) -> str:
+    """The experiment's id, created if needed. The first call creates a new store's tables; when
+    another process (``mlflow ui``, a second sweep) creates them at the same moment, MLflow fails
+    in one of the two, so that one waits and tries again."""
+    for attempt in range(attempts):
+        try:
+            return _get_or_create_experiment(client, name)
+        except Exception as exc:
+            text = str(exc)
+            if attempt == attempts - 1 or not ("already exists" in text or "migration" in text.lower()):
+                raise
+            time.sleep(1.0 + random.random())
+    raise AssertionError("unreachable")
+
+
+def _get_or_create_experiment(client, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":

@@ -34,7 +34,7 @@ def test_quick_benchmark_writes_every_output(tmp_path):
     assert float(throughput["classical", "backprop"]["steps_per_s"]) > 0
     assert (out / "bench.png").stat().st_size > 10_000
     text = (out / "bench.md").read_text()
-    for heading in ("Policy forward", "One gradient step on 100", "Qubit scaling", "training throughput"):
+    for heading in ("Policy forward", "One gradient step on 100", "Qubit scaling", "training throughput", "Memory"):
         assert heading in text
     assert text in proc.stdout
 
@@ -46,7 +46,9 @@ def test_quick_benchmark_writes_every_output(tmp_path):
     assert "forward_ms/classical/backprop/batch_100" in run.data.metrics
     assert len(client.get_metric_history(run.info.run_id, "scaling/tensorcircuit/backprop/gradient_ms")) == 2
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
-        "bench.md", "bench.png", "forward.csv", "gradient.csv", "scaling.csv", "throughput.csv"}
+        "bench.md", "bench.png", "forward.csv", "gradient.csv", "scaling.csv", "throughput.csv", "memory.csv"}
+    memory = {r["backend"]: r for r in csv.DictReader((out / "memory.csv").open())}
+    assert set(memory) == {"classical", "tensorcircuit"} and all(float(r["peak_rss_mb_at_60"]) > 50 for r in memory.values())
 
 
 def test_unknown_pair_is_one_line_error(capsys, tmp_path):

@@ -85,7 +85,7 @@ def test_sigkill_of_the_sweep_then_resume_continues_from_the_checkpoint(tmp_path
                              env=env_for(), stdout=(tmp_path / "sweep.log").open("w"), stderr=subprocess.STDOUT)
 
     def checkpointed_long_run():  # read with sqlite3: an MLflow client would race the sweep creating the tables
-        with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db", timeout=10)) as db:
+        with contextlib.closing(sqlite3.connect(f"file:{tmp_path / 'mlflow.db'}?mode=ro", uri=True, timeout=10)) as db:
             row = db.execute("SELECT run_uuid, value FROM tags WHERE key = 'checkpoint_episode'").fetchone()
         return row[0] if row and int(row[1]) >= 50 else None
 

@@ -1,7 +1,9 @@
 """run.py end to end: real processes, a real SQLite MLflow store, real environments and simulators."""
 
+import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -112,15 +114,16 @@ def test_ctrl_c_marks_the_running_run_killed_and_prints_the_summary(tmp_path):
     proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), "-c", str(path)], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # wait until the first run is logging
-        if (tmp_path / "mlflow.db").exists():
-            try:
-                _, runs = runs_by_name(tmp_path)
-                if "long-seed0" in runs:
-                    time.sleep(3)
-                    break
-            except Exception:  # noqa: BLE001 - store still being created
-                pass
+    while time.monotonic() < deadline:  # wait until the first run is logging (read with sqlite3: an MLflow
+        try:                            # client would race the sweep creating the store's tables)
+            with contextlib.closing(sqlite3.connect(f"file:{tmp_path / 'mlflow.db'}?mode=ro", uri=True, timeout=10)) as db:
+                logged = db.execute("SELECT COUNT(*) FROM metrics m JOIN runs r ON r.run_uuid = m.run_uuid "
+                                    "WHERE r.name = 'long-seed0'").fetchone()[0]
+        except sqlite3.Error:
+            logged = 0
+        if logged:
+            time.sleep(2)
+            break
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
