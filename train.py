@@ -304,6 +304,11 @@ def _restore_common(state: dict, model: PolicyModel, step: GradientStep, kind: s
 CHECKPOINT_FORMAT = 1
 
 
+def _result(model: PolicyModel, step: GradientStep, returns: list[float], env_steps: int, grad_evals: int,
+            wall_s: float) -> TrainResult:
+    return TrainResult(returns, env_steps, step.k, grad_evals, model.circuit_evals, wall_s, model, step.compiles_after_warmup)
+
+
 def train_reinforce(exp: ExperimentConfig, seed: int, reporter: Reporter, resume: dict | None = None) -> TrainResult:
     cfg = exp.training
     seed_everything(seed)  # REINFORCE draws its actions from the explicit torch generator below
@@ -393,16 +398,7 @@ def train_reinforce(exp: ExperimentConfig, seed: int, reporter: Reporter, resume
                 reporter.checkpoint(state, episode)
     finally:
         envs.close()
-    return TrainResult(
-        returns_all,
-        env_steps,
-        step.k,
-        grad_evals,
-        model.circuit_evals,
-        elapsed_before + time.perf_counter() - t_start,
-        model,
-        step.compiles_after_warmup,
-    )
+    return _result(model, step, returns_all, env_steps, grad_evals, elapsed_before + time.perf_counter() - t_start)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,16 +549,7 @@ def train_dqn(exp: ExperimentConfig, seed: int, reporter: Reporter, resume: dict
                 reporter.checkpoint(state, episode + 1)
     finally:
         env.close()
-    return TrainResult(
-        returns_all,
-        env_steps,
-        step.k,
-        grad_evals,
-        model.circuit_evals,
-        elapsed_before + time.perf_counter() - t_start,
-        model,
-        step.compiles_after_warmup,
-    )
+    return _result(model, step, returns_all, env_steps, grad_evals, elapsed_before + time.perf_counter() - t_start)
 
 
 ALGORITHMS: dict[str, Callable[..., TrainResult]] = {
