@@ -312,60 +312,52 @@ def fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+def md_table(title: str, columns: list[str], rows: list[list[str]], note: str = "") -> list[str]:
+    """A section of bench.md: heading, optional note, then the table."""
+    out = [f"## {title}", ""] + ([note, ""] if note else [])
+    out += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return out + ["| " + " | ".join(row) + " |" for row in rows] + [""]
+
+
 def markdown(results: dict[str, list[dict]], machine: dict[str, str]) -> str:
     out = ["# Benchmark", "", "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()), ""]
     if "forward" in results:
         batches = sorted({r["batch"] for r in results["forward"]})
-        out += ["## Policy forward (no gradient), median ms (x classical)", "",
-                "| backend | method | " + " | ".join(f"batch {b}" for b in batches) + " |",
-                "|---|---|" + "---|" * len(batches)]
         by_pair: dict[tuple[str, str], dict[int, dict]] = {}
         for r in results["forward"]:
             by_pair.setdefault((r["backend"], r["method"]), {})[r["batch"]] = r
-        for (backend, method), cells in by_pair.items():
-            out.append(f"| {backend} | {method} | " + " | ".join(
-                f"{fmt(cells[b]['median_ms'])} (x{fmt(cells[b]['x_classical'], 2)})" for b in batches) + " |")
-        out.append("")
+        out += md_table("Policy forward (no gradient), median ms (x classical)",
+                        ["backend", "method", *(f"batch {b}" for b in batches)],
+                        [[backend, method, *(f"{fmt(cells[b]['median_ms'])} (x{fmt(cells[b]['x_classical'], 2)})" for b in batches)]
+                         for (backend, method), cells in by_pair.items()])
     if "gradient" in results:
-        batch = results["gradient"][0]["batch"]
-        out += [f"## One gradient step on {batch} recorded transitions", "",
-                "| backend | method | median s | x classical | circuits executed | first call s |", "|---|---|---|---|---|---|"]
-        for r in results["gradient"]:
-            out.append(f"| {r['backend']} | {r['method']} | {fmt(r['median_s'])} | {fmt(r['x_classical'], 2)} | "
-                       f"{fmt(r['circuit_evals'])} | {fmt(r['first_s'], 2)} |")
-        out.append("")
+        out += md_table(f"One gradient step on {results['gradient'][0]['batch']} recorded transitions",
+                        ["backend", "method", "median s", "x classical", "circuits executed", "first call s"],
+                        [[r["backend"], r["method"], fmt(r["median_s"]), fmt(r["x_classical"], 2), fmt(r["circuit_evals"]),
+                          fmt(r["first_s"], 2)] for r in results["gradient"]])
     if "scaling" in results:
-        batch = results["scaling"][0]["batch"]
-        out += [f"## Qubit scaling ({SCALING_LAYERS} layers, batch {batch}, fastest exact gradient): first call (cold compile) apart from "
-                "the steady state", "",
-                "| backend | method | qubits | first forward s | forward ms | first gradient s | gradient ms | compiles |",
-                "|---|---|---|---|---|---|---|---|"]
-        for r in results["scaling"]:
-            out.append(f"| {r['backend']} | {r['method']} | {r['n_qubits']} | {fmt(r['first_forward_s'], 2)} | "
-                       f"{fmt(r['forward_ms'])} | {fmt(r['first_gradient_s'], 2)} | {fmt(r['gradient_ms'])} | {fmt(r['n_compiles'])} |")
-        out.append("")
+        out += md_table(f"Qubit scaling ({SCALING_LAYERS} layers, batch {results['scaling'][0]['batch']}, fastest exact gradient): "
+                        "first call (cold compile) apart from the steady state",
+                        ["backend", "method", "qubits", "first forward s", "forward ms", "first gradient s", "gradient ms", "compiles"],
+                        [[r["backend"], r["method"], str(r["n_qubits"]), fmt(r["first_forward_s"], 2), fmt(r["forward_ms"]),
+                          fmt(r["first_gradient_s"], 2), fmt(r["gradient_ms"]), fmt(r["n_compiles"])] for r in results["scaling"]])
     if "throughput" in results:
-        episodes = results["throughput"][0]["episodes"]
-        out += [f"## CartPole REINFORCE training throughput ({episodes} episodes, seed 0)", "",
-                "Compile s: XLA compilations, or loads from this benchmark's own cache once an earlier section compiled the shape.", "",
-                "| backend | method | env steps | train s | compile s | steps/s | steps/s after compile | classical / this "
-                "| compiles after warm-up |",
-                "|---|---|---|---|---|---|---|---|---|"]
-        for r in results["throughput"]:
-            out.append(f"| {r['backend']} | {r['method']} | {r['env_steps']} | {fmt(r['train_s'])} | {fmt(r['compile_s'], 2)} | "
-                       f"{fmt(r['steps_per_s'])} | {fmt(r['steps_per_s_after_compile'])} | {fmt(r['x_classical'], 2)} | "
-                       f"{fmt(r['compiles_after_warmup'])} |")
-        out.append("")
+        out += md_table(f"CartPole REINFORCE training throughput ({results['throughput'][0]['episodes']} episodes, seed 0)",
+                        ["backend", "method", "env steps", "train s", "compile s", "steps/s", "steps/s after compile",
+                         "classical / this", "compiles after warm-up"],
+                        [[r["backend"], r["method"], str(r["env_steps"]), fmt(r["train_s"]), fmt(r["compile_s"], 2),
+                          fmt(r["steps_per_s"]), fmt(r["steps_per_s_after_compile"]), fmt(r["x_classical"], 2),
+                          fmt(r["compiles_after_warmup"])] for r in results["throughput"]],
+                        note="Compile s: XLA compilations, or loads from this benchmark's own cache once an earlier section "
+                             "compiled the shape.")
     if results.get("memory"):
         rows = results["memory"]
         early_key, late_key = [k for k in rows[0] if k.startswith("peak_rss_mb_at_")]
         early, late = early_key.rsplit("_", 1)[1], late_key.rsplit("_", 1)[1]
-        out += [f"## Memory: peak RSS of a {late}-episode reference REINFORCE run, episode {early} against {late}", "",
-                f"| backend | method | env steps | train s | peak RSS MB at {early} | at {late} | growth |", "|---|---|---|---|---|---|---|"]
-        for r in rows:
-            out.append(f"| {r['backend']} | {r['method']} | {r['env_steps']} | {fmt(r['train_s'])} | {r[early_key]:.0f} | "
-                       f"{r[late_key]:.0f} | {r['growth_pct']:+.1f} % |")
-        out.append("")
+        out += md_table(f"Memory: peak RSS of a {late}-episode reference REINFORCE run, episode {early} against {late}",
+                        ["backend", "method", "env steps", "train s", f"peak RSS MB at {early}", f"at {late}", "growth"],
+                        [[r["backend"], r["method"], str(r["env_steps"]), fmt(r["train_s"]), f"{r[early_key]:.0f}",
+                          f"{r[late_key]:.0f}", f"{r['growth_pct']:+.1f} %"] for r in rows])
     return "\n".join(out)
 
 

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -148,6 +149,11 @@ def default_observables(algorithm: str, n_qubits: int) -> list[str]:
 # Backends: gate angles (N, G) -> expectation values (N, O)
 
 
+def needs_grad(tensor: torch.Tensor) -> bool:
+    """Whether autograd will want the gradient of a computation on ``tensor``."""
+    return torch.is_grad_enabled() and tensor.requires_grad
+
+
 class CircuitBackend:
     """Base class: counts executed circuits; subclasses implement ``_evaluate``."""
 
@@ -173,9 +179,7 @@ class CircuitBackend:
         if gate_angles.ndim != 2 or gate_angles.shape[1] != self.spec.n_gate_angles:
             raise ValueError(f"gate angles must have shape (N, {self.spec.n_gate_angles}), got {tuple(gate_angles.shape)}")
         self.circuit_evals += gate_angles.shape[0]
-        if update is None:
-            update = torch.is_grad_enabled() and gate_angles.requires_grad
-        return self._evaluate(gate_angles, update)
+        return self._evaluate(gate_angles, needs_grad(gate_angles) if update is None else update)
 
     def _evaluate(self, gate_angles: torch.Tensor, update: bool) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -227,8 +231,7 @@ class PennyLaneCircuit(CircuitBackend):
 
     def _evaluate(self, gate_angles: torch.Tensor, update: bool) -> torch.Tensor:  # noqa: ARG002
         qnode = self._qnode
-        needs_grad = torch.is_grad_enabled() and gate_angles.requires_grad
-        if self._broadcast_qnode is not None and not needs_grad and gate_angles.shape[0] > 1:
+        if self._broadcast_qnode is not None and not needs_grad(gate_angles) and gate_angles.shape[0] > 1:
             qnode = self._broadcast_qnode
         out = qnode(gate_angles)
         out = torch.stack(list(out), dim=-1) if isinstance(out, (list, tuple)) else out[..., None]
@@ -397,7 +400,7 @@ class TensorCircuitCircuit(CircuitBackend):
     def _evaluate(self, gate_angles: torch.Tensor, update: bool) -> torch.Tensor:
         if self.math_backend == "pytorch":
             return self._torch_fn(gate_angles)
-        if torch.is_grad_enabled() and gate_angles.requires_grad:
+        if needs_grad(gate_angles):
             return _JaxCircuitFunction.apply(gate_angles, self)
         return self._run(self._jit_forward, gate_angles, small=not update)
 
@@ -408,7 +411,6 @@ class TensorCircuitCircuit(CircuitBackend):
     def _run(self, jitted: Callable, *arrays: torch.Tensor, small: bool) -> torch.Tensor:
         """Call ``jitted`` on every padded chunk of the row-aligned ``arrays``; rows joined back."""
         import jax
-        import numpy as np
 
         device = arrays[0].device
         host = [a.detach().to("cpu", torch.float64).numpy() for a in arrays]
@@ -455,7 +457,7 @@ class ParameterShiftCircuit(CircuitBackend):
 
     def __call__(self, gate_angles: torch.Tensor, *, update: bool | None = None) -> torch.Tensor:
         if update is None:
-            update = torch.is_grad_enabled() and gate_angles.requires_grad
+            update = needs_grad(gate_angles)
 
         def evaluate(angles: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():

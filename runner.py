@@ -170,10 +170,11 @@ def _injected_fault(run_name: str):
                 raise RuntimeError(f"injected failure in {run_name} at episode {episode}")
 
             return fail
-        if kind == "nan":
+        if kind == "nan":  # nothing to call: GradientStep poisons the loss itself
             import train
 
             train.POISON_UPDATE = 2
+            return None
     return None
 
 
@@ -208,7 +209,7 @@ def _load_checkpoint(client, run_id: str) -> tuple[dict, int]:
     return state, max((m.step for m in history), default=-1)
 
 
-def _run_worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_id: str, events, resume: bool,
+def _run_worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_id: str, resume: bool, events,
                 tags: dict[str, str] | None = None) -> bool:
     """Train one run, logging to its MLflow run; ``events`` (anything with ``send``) carries
     progress, then ("done", summary) or ("error", message). Returns whether it succeeded."""
@@ -242,12 +243,12 @@ def _run_worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run
         return False
 
 
-def _worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_id: str, events: Connection,
-            resume: bool = False) -> None:
+def _worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_id: str, resume: bool,
+            events: Connection) -> None:
     """The local executor's worker process; ``events`` is the sending end of a pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C for the sweep
     _die_with_parent()
-    if not _run_worker(exp_data, seed, run_name, tracking_uri, run_id, events, resume):
+    if not _run_worker(exp_data, seed, run_name, tracking_uri, run_id, resume, events):
         sys.exit(1)
 
 
@@ -490,7 +491,7 @@ class LocalExecutor:
     def submit(self, job: _Job, args: tuple) -> None:
         receiver, sender = self.ctx.Pipe(duplex=False)
         job.receiver = receiver
-        job.handle = self.ctx.Process(target=_worker, args=(*args[:5], sender, *args[5:]), name=job.spec.name)
+        job.handle = self.ctx.Process(target=_worker, args=(*args, sender), name=job.spec.name)
         job.start = time.monotonic()
         job.deadline = job.start + job.spec.exp.timeout_s
         try:
@@ -548,7 +549,7 @@ def _ray_task(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_i
     node_id = ray.get_runtime_context().get_node_id()
     events = _QueueEvents(queue, index)
     events.send(("started", node_id))
-    return _run_worker(exp_data, seed, run_name, tracking_uri, run_id, events, resume, tags={"ray.node_id": node_id})
+    return _run_worker(exp_data, seed, run_name, tracking_uri, run_id, resume, events, tags={"ray.node_id": node_id})
 
 
 class RayExecutor:

@@ -114,10 +114,15 @@ class TrainResult:
         }
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.cpu() for k, v in self.model.state_dict().items()}
+        return cpu_state_dict(self.model)
 
     def figures(self, title: str) -> dict:
         return {"learning_curve.png": learning_curve_figure(self.episode_returns, title)}
+
+
+def cpu_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights as CPU tensors of their own (safe to save while training goes on)."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def compile_metrics(model) -> dict[str, float]:
@@ -270,8 +275,7 @@ def _checkpoint_due(cfg, episodes_before: int, episodes_after: int) -> bool:
     return every is not None and episodes_after // every > episodes_before // every
 
 
-def _numpy_rng_states(rngs) -> list[dict]:
-    return [rng.bit_generator.state for rng in rngs]
+CHECKPOINT_FORMAT = 1
 
 
 def _common_state(model: PolicyModel, step: GradientStep, returns: list[float], env_steps: int, grad_evals: int,
@@ -285,7 +289,7 @@ def _common_state(model: PolicyModel, step: GradientStep, returns: list[float], 
         "grad_evals": grad_evals,
         "circuit_evals": model.circuit_evals,
         "elapsed_s": elapsed_s,
-        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "model": cpu_state_dict(model),
         "step": step.state_dict(),
         "torch_rng": torch.get_rng_state(),
     }
@@ -299,9 +303,6 @@ def _restore_common(state: dict, model: PolicyModel, step: GradientStep, kind: s
     model.circuit_evals = state["circuit_evals"]
     torch.set_rng_state(state["torch_rng"])
     return state["returns"].tolist(), state["env_steps"], state["grad_evals"], state["elapsed_s"]
-
-
-CHECKPOINT_FORMAT = 1
 
 
 def _result(model: PolicyModel, step: GradientStep, returns: list[float], env_steps: int, grad_evals: int,
@@ -394,7 +395,7 @@ def train_reinforce(exp: ExperimentConfig, seed: int, reporter: Reporter, resume
                 elapsed = elapsed_before + time.perf_counter() - t_start
                 state = _common_state(model, step, returns_all, env_steps, grad_evals, elapsed)
                 state.update({"kind": "reinforce", "action_gen": action_gen.get_state(),
-                              "env_rngs": _numpy_rng_states(env.unwrapped.np_random for env in envs.envs)})
+                              "env_rngs": [env.unwrapped.np_random.bit_generator.state for env in envs.envs]})
                 reporter.checkpoint(state, episode)
     finally:
         envs.close()
