@@ -34,13 +34,16 @@ SUPPORTED_GRADIENTS: dict[str, tuple[str, ...]] = {
     "tensorcircuit": ("backprop", "parameter-shift", "spsa", "finite-diff"),
 }
 CARTPOLE_N_ACTIONS = 2
-_OBSERVABLE_RE = re.compile(r"^-?(Z\d+)+$")
+MAX_HIDDEN_WIDTH, MAX_HIDDEN_LAYERS = 4096, 8
+_OBSERVABLE_RE = re.compile(r"-?(Z\d+)+")
 
 
 class ConfigError(Exception):
     """Invalid configuration; ``lines`` holds one human-readable line per problem."""
 
     def __init__(self, lines: list[str]):
+        # A problem is one line even when it quotes input that holds line breaks (a name, a key).
+        lines = [line.replace("\r", "\\r").replace("\n", "\\n") for line in lines]
         super().__init__("\n".join(lines))
         self.lines = lines
 
@@ -74,8 +77,8 @@ class ModelConfig(_Strict):
     @field_validator("hidden_sizes")
     @classmethod
     def _positive_widths(cls, v: list[int]) -> list[int]:
-        if not v or any(w < 1 for w in v):
-            raise ValueError("must be a non-empty list of positive integers")
+        if not v or len(v) > MAX_HIDDEN_LAYERS or any(w < 1 or w > MAX_HIDDEN_WIDTH for w in v):
+            raise ValueError(f"must be 1 to {MAX_HIDDEN_LAYERS} widths, each in 1..{MAX_HIDDEN_WIDTH}")
         return v
 
 
@@ -156,6 +159,8 @@ class FiniteDiffConfig(_Strict):
 
 
 LOG_SCALE_PARAMETERS = ("A", "omega_c", "A2", "omega_c2")
+#: Bounds on every noise parameter (units of T = 1): beyond them rates under- or overflow.
+MIN_SCALE_VALUE, MAX_SCALE_VALUE = 1e-12, 1e12
 TASK_ALGORITHMS = {"cartpole": ("reinforce", "dqn"), "qubit_meta": ("maml", "fomaml", "reptile")}
 
 
@@ -187,6 +192,14 @@ class NoiseConfig(_Strict):
         for key, bounds in v.items():
             if len(bounds) != 2:
                 raise ValueError(f"{key}: need [low, high], got {bounds}")
+            lo, hi = bounds
+            if lo > hi:
+                raise ValueError(f"{key}: inverted range [{lo:g}, {hi:g}]; need low <= high")
+            if key in LOG_SCALE_PARAMETERS and not (MIN_SCALE_VALUE <= lo and hi <= MAX_SCALE_VALUE):
+                raise ValueError(f"{key}: [{lo:g}, {hi:g}] is outside [{MIN_SCALE_VALUE:g}, {MAX_SCALE_VALUE:g}] "
+                                 "(a noise amplitude or corner frequency in units of T = 1)")
+            if key in ("alpha", "detuning") and not (-MAX_SCALE_VALUE <= lo and hi <= MAX_SCALE_VALUE):
+                raise ValueError(f"{key}: [{lo:g}, {hi:g}] is outside [{-MAX_SCALE_VALUE:g}, {MAX_SCALE_VALUE:g}]")
         return v
 
     @model_validator(mode="after")
@@ -212,8 +225,9 @@ class NoiseConfig(_Strict):
         s = self.range_scale
         for key, (lo, hi) in self.ranges.items():
             if self.dist_type == "log_uniform" and key in LOG_SCALE_PARAMETERS and lo > 0:
-                centre = math.sqrt(lo * hi)
-                out[key] = (centre * (lo / centre) ** s, centre * (hi / centre) ** s)
+                log_lo, log_hi = math.log(lo), math.log(hi)  # in logs: no underflow of lo * hi
+                centre = (log_lo + log_hi) / 2
+                out[key] = (math.exp(centre - s * (centre - log_lo)), math.exp(centre + s * (log_hi - centre)))
             else:
                 centre = (lo + hi) / 2
                 out[key] = (centre - s * (centre - lo), centre + s * (hi - centre))
@@ -357,7 +371,7 @@ class ExperimentConfig(_Strict):
                     f"got {len(self.model.observables)}"
                 )
             for obs in self.model.observables:
-                if not _OBSERVABLE_RE.match(obs):
+                if not _OBSERVABLE_RE.fullmatch(obs):
                     raise ValueError(
                         f"field 'model.observables': {obs!r} is not a Pauli-Z product; allowed: e.g. 'Z0Z1', '-Z0Z1Z2Z3'"
                     )
@@ -409,26 +423,41 @@ class SweepConfig(_Strict):
 #: A sweep config is a few kilobytes; anything this large is a mistake (or an attack).
 MAX_CONFIG_BYTES = 1_000_000
 MAX_YAML_ALIASES = 100
+#: Deepest nesting of mappings and lists accepted (a sweep needs about 6 levels).
+MAX_YAML_DEPTH = 40
+#: Values a config may hold once every alias is expanded ("billion laughs" and merge bombs stay
+#: a few kilobytes on disk but expand exponentially).
+MAX_EXPANDED_VALUES = 100_000
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate mapping keys instead of silently keeping the last one, and
-    more than MAX_YAML_ALIASES aliases (nested aliases expand exponentially: "billion laughs")."""
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader with bounded work: at most MAX_YAML_ALIASES aliases (``*name``), nesting at most
+    MAX_YAML_DEPTH deep (the composer recurses once per level; deeper input would end in
+    RecursionError), duplicate keys refused instead of silently keeping the last one. Merge keys
+    (``<<: *base``) work as in YAML 1.1: explicit keys win over merged ones."""
 
     n_aliases = 0
+    depth = 0
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             self.n_aliases += 1
             if self.n_aliases > MAX_YAML_ALIASES:
                 raise yaml.YAMLError(f"more than {MAX_YAML_ALIASES} aliases (*name)")
-        return super().compose_node(parent, index)
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                raise yaml.YAMLError(f"nested more than {MAX_YAML_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    loader.flatten_mapping(node)
+def _construct_mapping(loader: _BoundedLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: set = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
         key = loader.construct_object(key_node, deep=deep)
         try:
             duplicate = key in seen
@@ -441,10 +470,37 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
                 None, None, f"duplicate key {key!r}", key_node.start_mark
             )
         seen.add(key)
+    loader.flatten_mapping(node)  # merged keys first, explicit keys after them (the last one wins)
     return loader.construct_mapping(node, deep=deep)
 
 
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_BoundedLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def expanded_size(value: Any) -> int:
+    """How many values ``value`` holds with every shared (aliased) part counted each time it is
+    referenced: the work a walk over it does. Computed once per distinct object, so a bomb is
+    measured without being expanded."""
+    sizes: dict[int, int] = {}
+
+    def size(v: Any) -> int:
+        if not isinstance(v, (dict, list)):
+            return 1
+        if id(v) not in sizes:
+            children = v.values() if isinstance(v, dict) else v
+            sizes[id(v)] = 1 + sum(size(c) for c in children)
+        return sizes[id(v)]
+
+    return size(value)  # depth is bounded by the loader, so the recursion is too
+
+
+def safe_yaml_load(text: str) -> Any:
+    """Parse YAML with bounded time and memory (see :class:`_BoundedLoader`); raises
+    ``yaml.YAMLError`` for input past the bounds."""
+    value = yaml.load(text, Loader=_BoundedLoader)
+    if expanded_size(value) > MAX_EXPANDED_VALUES:
+        raise yaml.YAMLError(f"aliases expand it to more than {MAX_EXPANDED_VALUES} values")
+    return value
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -460,16 +516,17 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse ``dotted.key=value`` (value is YAML: ``5``, ``0.1``, ``[1, 2]``, ``lightning.qubit``)."""
+    shown = text if len(text) <= 80 else text[:77] + "..."
     if "=" not in text:
-        raise ConfigError([f"--set {text!r}: expected dotted.key=value"])
+        raise ConfigError([f"--set {shown!r}: expected dotted.key=value"])
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
-        raise ConfigError([f"--set {text!r}: empty key"])
+        raise ConfigError([f"--set {shown!r}: empty key"])
     try:
-        value = yaml.load(raw, Loader=_UniqueKeyLoader)
+        value = safe_yaml_load(raw)
     except yaml.YAMLError as exc:
-        raise ConfigError([f"--set {text!r}: value is not valid YAML ({_one_line(str(exc))})"]) from None
+        raise ConfigError([f"--set {shown!r}: value is not valid YAML ({_one_line(str(exc))})"]) from None
     return parts, value
 
 
@@ -510,6 +567,9 @@ def _format_validation_error(prefix: str, exc: ValidationError) -> list[str]:
 
 def _read_yaml(path: Path) -> Any:
     try:
+        if not path.is_file():  # a FIFO or a device would block the read or never end
+            what = "no such file" if not path.exists() else "not a regular file"
+            raise ConfigError([f"{path}: cannot read config file ({what})"])
         with path.open("rb") as f:
             data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
@@ -521,7 +581,7 @@ def _read_yaml(path: Path) -> Any:
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: config file is not valid UTF-8"]) from None
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)
+        return safe_yaml_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: invalid YAML: {_one_line(str(exc))}"]) from None
 

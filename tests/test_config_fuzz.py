@@ -2,8 +2,10 @@
 
 import contextlib
 import io
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import run
-from config_schema import ConfigError, SweepConfig, load_config
+from config_schema import (
+    MAX_EXPANDED_VALUES,
+    MAX_YAML_ALIASES,
+    MAX_YAML_DEPTH,
+    ConfigError,
+    SweepConfig,
+    expanded_size,
+    load_config,
+    safe_yaml_load,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = ["name", "task", "algorithm", "backend", "gradient", "seed", "seeds", "timeout_s", "device", "model", "training",
@@ -95,6 +106,20 @@ HOSTILE = {
     "billion_laughs": b"".join([b"defaults: {x: &a0 [1]}\nexperiments: [{name: a, backend: classical, gradient: backprop, model: {observables: ["]
                                 + [b"*a0, " * 101] + [b"]}}]\n"]),
     "not_a_mapping": b"- 1\n- 2\n",
+    # nine levels of mappings, each holding nine aliases of the level below: 839 bytes, 9^8 values expanded
+    "merge_bomb": ("defaults:\n  x0: &l0 {a: 1}\n" + "".join(
+        f"  x{lvl}: &l{lvl} {{{', '.join(f'k{i}: *l{lvl - 1}' for i in range(9))}}}\n" for lvl in range(1, 9))
+        + "experiments: [{name: a, backend: classical, gradient: backprop, meta: {noise: {ranges: *l8}}}]\n").encode(),
+    "deep_flow_lists": b"experiments: " + b"[" * 200_000 + b"]" * 200_000 + b"\n",
+    "deep_flow_mappings": b"experiments: " + b"{a: " * 50_000 + b"1" + b"}" * 50_000 + b"\n",
+    "deep_block_mapping": b"experiments:\n" + b"".join(b" " * (i + 1) + b"k:\n" for i in range(1200)) + b" " * 1201 + b"v\n",
+    "name_with_newline": b'experiments:\n  - {name: "a\\nb", backend: classical, gradient: backprop}\n',
+    "observable_with_newline": b'experiments:\n  - {name: a, backend: pennylane, gradient: backprop, model: {observables: ["Z0\\n", "Z1"]}}\n',
+    "huge_hidden_layer": b"experiments:\n  - {name: a, backend: classical, gradient: backprop, model: {hidden_sizes: [100000000000]}}\n",
+    "inverted_noise_range": b"experiments:\n  - {name: a, task: qubit_meta, backend: classical, gradient: backprop, "
+                            b"meta: {noise: {ranges: {alpha: [0.5, 2], A: [1, 0], omega_c: [0.1, 10]}}}}\n",
+    "vanishing_noise_range": b"experiments:\n  - {name: a, task: qubit_meta, backend: classical, gradient: backprop, "
+                             b"meta: {noise: {ranges: {alpha: [0.5, 2], A: [1.0e-200, 1.0e-200], omega_c: [0.1, 10]}}}}\n",
 }
 
 
@@ -102,9 +127,75 @@ HOSTILE = {
 def test_hostile_files_through_the_command_line(tmp_path, case):
     path = tmp_path / f"{case}.yaml"
     path.write_bytes(HOSTILE[case])
+    assert len(HOSTILE[case]) <= 1_000_000 or case == "ten_megabytes"
+    t0 = time.monotonic()
     proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "-c", str(path)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1 and lines[0].startswith(f"error: {path}") and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "pwned").exists()
+    assert time.monotonic() - t0 < 30  # refused in seconds (the merge bomb took minutes and GBs before)
+
+
+ALIAS_BOMB = "[&l0 [0, 0, 0, 0, 0, 0, 0, 0, 0], " + ", ".join(f"&l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 7)) + "]"
+
+
+@pytest.mark.parametrize("expected,text", [
+    ("nested more than 40 levels deep", "seeds=" + "[" * 50_000 + "]" * 50_000),
+    ("expand it to more than 100000 values", "model.observables=" + ALIAS_BOMB),
+])
+def test_hostile_overrides_are_one_short_line(expected, text):
+    with pytest.raises(ConfigError) as info:
+        load_config(raw={"experiments": [VALID]}, overrides=[text])
+    assert len(info.value.lines) == 1 and len(info.value.lines[0]) < 300 and expected in info.value.lines[0], info.value.lines
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_config(fifo)
+
+
+def test_merge_keys_work_and_explicit_keys_win():
+    text = ("defaults: {}\nbase: &base {backend: classical, gradient: backprop, training: {episodes: 2}}\n"
+            "experiments:\n  - {<<: *base, name: y}\n  - {<<: *base, name: z, gradient: spsa}\n")
+    raw = safe_yaml_load(text)
+    raw.pop("base")
+    cfg = load_config(raw=raw)
+    assert [(e.name, e.gradient, e.training.episodes) for e in cfg.experiments] == [("y", "backprop", 2), ("z", "spsa", 2)]
+    with pytest.raises(yaml.YAMLError, match="duplicate key"):
+        safe_yaml_load("{<<: {a: 1}, b: 2, b: 3}")
+
+
+nested = st.recursive(st.integers(0, 9), lambda inner: st.one_of(st.lists(inner, min_size=1, max_size=2),
+                                                                   st.dictionaries(st.sampled_from("ab"), inner, min_size=1)),
+                      max_leaves=60)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 5000), st.sampled_from(["[", "{a: "]))
+def test_any_nesting_depth_is_accepted_or_refused_in_one_line(depth, opener):
+    closer = "]" if opener == "[" else "}"
+    text = "experiments: " + opener * depth + "1" + closer * depth + "\n"
+    try:
+        safe_yaml_load(text)
+    except yaml.YAMLError as exc:
+        assert depth > MAX_YAML_DEPTH - 2 and "nested more than" in str(exc)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 12), st.integers(2, 12))
+def test_alias_fan_out_is_bounded_without_expanding_it(levels, fan_out):
+    lines = ["l0: &l0 [1]"] + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * fan_out)}]" for i in range(1, levels + 1)]
+    text = "\n".join(lines) + "\n"
+    aliases = levels * fan_out
+    t0 = time.monotonic()
+    try:
+        value = safe_yaml_load(text)
+    except yaml.YAMLError as exc:
+        assert aliases > MAX_YAML_ALIASES or expanded_size(yaml.load(text, Loader=yaml.SafeLoader)) > MAX_EXPANDED_VALUES, exc
+    else:
+        assert expanded_size(value) <= MAX_EXPANDED_VALUES
+    assert time.monotonic() - t0 < 5
