@@ -318,6 +318,20 @@ class _JaxCircuitFunction(torch.autograd.Function):
         return ctx.backend._run(ctx.backend._jit_vjp, angles, grad_output, small=False), None
 
 
+def use_tensorcircuit(math_backend: str):
+    """TensorCircuit with ``math_backend`` and complex128 process-wide, switched only when they
+    differ. TensorCircuit's setters walk ``sys.modules``, which fails ("dictionary changed size
+    during iteration") while another thread imports a module; so a worker calls this once before it
+    starts any thread, and no traced or hot path switches backends again. Returns the module."""
+    import tensorcircuit as tc
+
+    if tc.dtypestr != "complex128":
+        tc.set_dtype("complex128")  # also switches jax to x64
+    if tc.backend.name != math_backend:
+        tc.set_backend(math_backend)
+    return tc
+
+
 class TensorCircuitCircuit(CircuitBackend):
     """TensorCircuit-NG state-vector circuit, vmapped over the batch.
 
@@ -334,14 +348,14 @@ class TensorCircuitCircuit(CircuitBackend):
 
     def __init__(self, spec: CircuitSpec, math_backend: str = "jax"):
         super().__init__(spec)
-        import tensorcircuit as tc
+        if math_backend not in ("jax", "pytorch"):
+            raise ValueError(f"tensorcircuit math backend {math_backend!r}; allowed: jax, pytorch")
+        tc = use_tensorcircuit(math_backend)
 
         self.math_backend = math_backend
         self._n_compiles = 0
         self.compile_s = 0.0 if math_backend == "jax" else None
         observables = spec.observables
-        # Process-wide (TensorCircuit's dtype also switches jax's x64 mode): every model here is complex128.
-        tc.set_dtype("complex128")
 
         def readout(c):
             return tc.backend.stack([tc.backend.real(c.expectation_ps(z=list(q))) for q in observables])
@@ -357,19 +371,18 @@ class TensorCircuitCircuit(CircuitBackend):
             layer_ops, final_ops = spec.layer_ops(), spec.rotation_ops(0)
 
             def single(angles):
-                with tc.runtime_backend("jax"):
-                    theta = angles[: spec.n_theta].reshape(n_layers + 1, 3 * n)
-                    encoding = angles[spec.n_theta :].reshape(n_layers, spec.n_encoding)
+                theta = angles[: spec.n_theta].reshape(n_layers + 1, 3 * n)
+                encoding = angles[spec.n_theta :].reshape(n_layers, spec.n_encoding)
 
-                    def layer(state, layer_angles):
-                        c = tc.Circuit(n, inputs=state)
-                        _apply_ops(c, layer_ops, layer_angles)
-                        return c.state(), None
-
-                    state, _ = jax.lax.scan(layer, tc.Circuit(n).state(), jnp.concatenate([theta[:n_layers], encoding], axis=1))
+                def layer(state, layer_angles):
                     c = tc.Circuit(n, inputs=state)
-                    _apply_ops(c, final_ops, theta[n_layers])
-                    return readout(c)
+                    _apply_ops(c, layer_ops, layer_angles)
+                    return c.state(), None
+
+                state, _ = jax.lax.scan(layer, tc.Circuit(n).state(), jnp.concatenate([theta[:n_layers], encoding], axis=1))
+                c = tc.Circuit(n, inputs=state)
+                _apply_ops(c, final_ops, theta[n_layers])
+                return readout(c)
 
             batched = jax.vmap(single)
             self._jit_forward = jax.jit(batched)
@@ -382,16 +395,13 @@ class TensorCircuitCircuit(CircuitBackend):
                 _apply_ops(c, gates, angles)
                 return readout(c)
 
-            with tc.runtime_backend("pytorch") as K:
-                batched_torch = K.vmap(single_torch, vectorized_argnums=0)
+            batched_torch = tc.backend.vmap(single_torch, vectorized_argnums=0)
 
             def in_torch_backend(angles):
-                with tc.runtime_backend("pytorch"):
-                    return batched_torch(angles)
+                use_tensorcircuit("pytorch")  # a no-op unless another model switched the process since
+                return batched_torch(angles)
 
             self._torch_fn = in_torch_backend
-        else:
-            raise ValueError(f"tensorcircuit math backend {math_backend!r}; allowed: jax, pytorch")
 
     @property
     def n_compiles(self) -> int | None:
@@ -411,6 +421,8 @@ class TensorCircuitCircuit(CircuitBackend):
     def _run(self, jitted: Callable, *arrays: torch.Tensor, small: bool) -> torch.Tensor:
         """Call ``jitted`` on every padded chunk of the row-aligned ``arrays``; rows joined back."""
         import jax
+
+        use_tensorcircuit("jax")  # a no-op in a worker; a new shape is traced with the jax backend
 
         device = arrays[0].device
         host = [a.detach().to("cpu", torch.float64).numpy() for a in arrays]

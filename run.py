@@ -5,8 +5,10 @@
     python run.py --list                # what would run
     python run.py --dry-run             # validate, resolve and print the plan; touch nothing
 
-Exit codes: 0 every run PASSED; 1 some run FAILED or TIMED_OUT; 2 invalid configuration or
-unusable tracking URI (nothing is written to MLflow then); 130 interrupted with Ctrl-C.
+Exit codes: 0 every run PASSED; 1 some run FAILED or TIMED_OUT, or the tracking store failed
+during the sweep; 2 invalid configuration or unusable tracking store (nothing is written to MLflow
+then); 130 interrupted with Ctrl-C, 143 with SIGTERM, 129 with SIGHUP (running runs and the sweep's
+parent run are marked KILLED).
 """
 
 from __future__ import annotations
@@ -19,6 +21,18 @@ import sys
 from config_schema import ConfigError, load_config
 
 MAX_ERROR_LINES = 10
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the sweep is, so it ends like Ctrl-C: running runs KILLED."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signum)
 
 
 def _positive_int(text: str) -> int:
@@ -78,9 +92,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Ctrl-C (SIGINT) stops the sweep with KILLED runs and exit 130, even when run.py was started
-    # with SIGINT ignored (a background job of a non-interactive shell inherits that).
+    # with SIGINT ignored (a background job of a non-interactive shell inherits that); SIGTERM and
+    # SIGHUP do the same with 143 and 129.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        return _main(args)
+    except KeyboardInterrupt as exc:  # before the sweep started, or after it ended
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"error: interrupted ({signal.Signals(signum).name}) before the sweep started; nothing is running", file=sys.stderr)
+        return 128 + signum
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, overrides=args.overrides, only=args.only)
     except ConfigError as exc:
@@ -128,10 +154,18 @@ def main(argv: list[str] | None = None) -> int:
 
     jobs = args.jobs or (executor.total_cpus() if executor is not None else 1)
     sweep = Sweep(cfg, tracking_uri, experiment_name, jobs=jobs, resume=args.resume, executor=executor)
-    outcomes = sweep.run()
+    try:
+        outcomes = sweep.run()
+    except Exception as exc:  # noqa: BLE001 - the store failed before any run could start: one line, not a traceback
+        print(f"error: tracking store {tracking_uri}: {type(exc).__name__}: {' '.join(str(exc).split())[:400]}", file=sys.stderr)
+        return 1
+    if sweep.store_errors:
+        first = sweep.store_errors[0]
+        print(f"error: the tracking store failed {len(sweep.store_errors)} time(s) while recording the sweep "
+              f"(first: {first}); runs were given their statuses where it allowed", file=sys.stderr)
     if sweep.interrupted:
-        return 130
-    return 0 if outcomes and all(o.status == "PASSED" for o in outcomes) else 1
+        return 128 + sweep.interrupted
+    return 0 if outcomes and all(o.status == "PASSED" for o in outcomes) and not sweep.store_errors else 1
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ TIMED_OUT / KILLED ones from their checkpoints in the same MLflow run.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -29,6 +30,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections import deque
@@ -41,6 +43,7 @@ from typing import Any
 import yaml
 
 from config_schema import ExperimentConfig, SweepConfig
+from sweep.lifeline import SWEEP_PID_ENV, die_with_parent
 from utils import (
     flatten_dict,
     get_or_create_experiment,
@@ -54,10 +57,11 @@ from utils import (
     process_owner,
 )
 
-#: Test hook: ``NAME:hang`` or ``NAME:raise`` (comma-separated) makes the worker of run NAME block
-#: forever inside a C call or raise, after it has logged its first episode.
-FAULT_ENV = "QMLBENCH_INJECT_FAULT"
+#: Modules every worker imports before it trains: empty in production; the tests add their
+#: fault-injection plugin here (tests/fault_injection.py), so no fault can be switched on otherwise.
+WORKER_PLUGINS: list[str] = []
 PRELOAD = [
+    "sweep.lifeline",  # first: the forkserver ties its life to the sweep's before the slow imports
     "train",
     "models",
     "gradients",
@@ -119,7 +123,6 @@ class _WorkerReporter:
     def __init__(self, client, run_id: str, run_name: str, events, logged_through_step: int = -1):
         self.client, self.run_id, self.events = client, run_id, events
         self.logged_through_step = logged_through_step
-        self.fault = _injected_fault(run_name)
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         if step > self.logged_through_step:
@@ -131,8 +134,6 @@ class _WorkerReporter:
 
     def progress(self, episode: int, total: int, avg_return: float) -> None:
         self.events.send(("progress", episode, total, avg_return))
-        if self.fault is not None and episode >= 1:
-            self.fault(episode)
 
     def checkpoint(self, state: dict, episode: int) -> None:
         import torch
@@ -144,57 +145,11 @@ class _WorkerReporter:
         self.client.set_tag(self.run_id, "checkpoint_episode", str(episode))
 
 
-def _injected_fault(run_name: str):
-    """The fault ``$QMLBENCH_INJECT_FAULT`` asks for in this run, as a callable, or None.
-
-    ``hang``: block forever inside a C call after the first episode; ``raise``: raise there;
-    ``nan``: the loss of the second update is NaN (the run must end FAILED, naming the episode).
-    """
-    for item in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
-        name, _, kind = item.partition(":")
-        if name != run_name:
-            continue
-        if kind == "hang":
-
-            def hang(episode: int):
-                import ctypes
-
-                libc = ctypes.CDLL(None)
-                while True:  # pause() returns only when a handled signal arrives
-                    libc.pause()
-
-            return hang
-        if kind == "raise":
-
-            def fail(episode: int):
-                raise RuntimeError(f"injected failure in {run_name} at episode {episode}")
-
-            return fail
-        if kind == "nan":  # nothing to call: GradientStep poisons the loss itself
-            import train
-
-            train.POISON_UPDATE = 2
-            return None
-    return None
-
-
 def _log_figure(client, run_id: str, fig, artifact_file: str) -> None:
     import matplotlib.pyplot as plt
 
     client.log_figure(run_id, fig, artifact_file, save_kwargs={"dpi": 110})
     plt.close(fig)
-
-
-def _die_with_parent() -> None:
-    """Have the kernel kill this worker when its parent (the forkserver, which exits with the
-    sweep) dies: a sweep killed with SIGKILL leaves no orphan training on (Linux)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        parent = os.getppid()
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent died before the call
-            os._exit(1)
 
 
 def _load_checkpoint(client, run_id: str) -> tuple[dict, int]:
@@ -217,6 +172,10 @@ def _run_worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run
 
     from train import train
 
+    if exp_data.get("backend") == "tensorcircuit":  # before any thread starts (see models.use_tensorcircuit)
+        from models import use_tensorcircuit
+
+        use_tensorcircuit(exp_data["tensorcircuit"]["math_backend"])
     client = mlflow_client(tracking_uri)
     try:
         for key, value in (tags or {}).items():
@@ -247,7 +206,7 @@ def _worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_id:
             events: Connection) -> None:
     """The local executor's worker process; ``events`` is the sending end of a pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C for the sweep
-    _die_with_parent()
+    die_with_parent()  # its parent is the forkserver, which dies with the sweep (see sweep.lifeline)
     if not _run_worker(exp_data, seed, run_name, tracking_uri, run_id, resume, events):
         sys.exit(1)
 
@@ -471,11 +430,16 @@ def _forkserver_context():
     if project not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([project, *filter(None, paths)])
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
-    # Start it now: its imports (several seconds) overlap the parent's MLflow set-up.
+    ctx.set_forkserver_preload(PRELOAD + WORKER_PLUGINS)
+    # Start it now: its imports (several seconds) overlap the parent's MLflow set-up. Only the
+    # forkserver's environment names this process: it dies with it (sweep.lifeline).
     from multiprocessing import forkserver
 
-    forkserver.ensure_running()
+    os.environ[SWEEP_PID_ENV] = str(os.getpid())
+    try:
+        forkserver.ensure_running()
+    finally:
+        del os.environ[SWEEP_PID_ENV]
     return ctx
 
 
@@ -487,8 +451,21 @@ class LocalExecutor:
 
     def __init__(self):
         self.ctx = _forkserver_context()
+        self.startup_s: float | None = None
+        """Seconds the first submission waited for the forkserver's imports (once per sweep)."""
+
+    def _wait_for_forkserver(self) -> None:
+        """Fork one empty process, so the forkserver has finished its imports before the first
+        run's clock starts: no run is charged with them (or timed out by them)."""
+        t0 = time.monotonic()
+        probe = self.ctx.Process(target=os.getpid, name="forkserver-ready")
+        probe.start()
+        probe.join()
+        self.startup_s = time.monotonic() - t0
 
     def submit(self, job: _Job, args: tuple) -> None:
+        if self.startup_s is None:
+            self._wait_for_forkserver()
         receiver, sender = self.ctx.Pipe(duplex=False)
         job.receiver = receiver
         job.handle = self.ctx.Process(target=_worker, args=(*args, sender), name=job.spec.name)
@@ -528,7 +505,18 @@ class LocalExecutor:
         wait_for_any(handles, timeout=timeout)
 
     def close(self) -> None:
-        pass
+        """Stop the forkserver now; one still busy with its imports would outlive the sweep by
+        seconds. (CPython keeps it in ``multiprocessing.forkserver._forkserver``; its ``_stop``
+        waits for it to exit, so it is killed first.)"""
+        from multiprocessing import forkserver
+
+        server = forkserver._forkserver
+        pid = getattr(server, "_forkserver_pid", None)
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        server._stop()
 
 
 class _QueueEvents:
@@ -542,10 +530,14 @@ class _QueueEvents:
 
 
 def _ray_task(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_id: str, resume: bool, queue,
-              index: int) -> bool:
+              index: int, plugins: list[str]) -> bool:
     """One run as a Ray task: the same worker as the local executor, tagged with its node."""
+    import importlib
+
     import ray
 
+    for plugin in plugins:
+        importlib.import_module(plugin)
     node_id = ray.get_runtime_context().get_node_id()
     events = _QueueEvents(queue, index)
     events.send(("started", node_id))
@@ -565,12 +557,13 @@ class RayExecutor:
         from ray.util.queue import Queue
 
         project = str(Path(__file__).resolve().parent)
-        env = {"PYTHONPATH": project, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        if FAULT_ENV in os.environ:  # the test hook reaches the workers Ray starts on every node
-            env[FAULT_ENV] = os.environ[FAULT_ENV]
+        paths = [project, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        env = {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+               **{k: v for k, v in os.environ.items() if k.startswith("QMLBENCH_")}}  # the project's own settings
         ray.init(address=address, runtime_env={"env_vars": env}, logging_level="ERROR", log_to_driver=False,
                  configure_logging=False)
         self.ray = ray
+        self.startup_s: float | None = None
         self.queue = Queue(actor_options={"num_cpus": 0})
         self.remote = ray.remote(max_retries=0)(_ray_task)
         self.pending: dict[int, list] = {}
@@ -584,7 +577,7 @@ class RayExecutor:
     def submit(self, job: _Job, args: tuple) -> None:
         job.start = time.monotonic()
         job.handle = self.remote.options(num_cpus=job.spec.exp.ray.num_cpus, scheduling_strategy="SPREAD").remote(
-            *args, self.queue, job.index)
+            *args, self.queue, job.index, list(WORKER_PLUGINS))
 
     def _drain(self) -> None:
         size = self.queue.qsize()
@@ -639,7 +632,10 @@ class Sweep:
         self.resume = resume
         self.executor = executor
         self.runs = expand(cfg)
-        self.interrupted = False
+        self.interrupted = 0
+        """The signal that interrupted the sweep (SIGINT, SIGTERM, SIGHUP), 0 when none did."""
+        self.store_errors: list[str] = []
+        """Writes to the tracking store that failed (the runs still got their statuses where possible)."""
         self.parent_run_id: str | None = None
         self.owner = process_owner()
         self._last_heartbeat = 0.0
@@ -655,18 +651,19 @@ class Sweep:
         """Mark KILLED every run of the experiment left RUNNING by a sweep process that no longer
         exists (killed with SIGKILL, or the machine rebooted); returns their names."""
         marked = []
-        heartbeats: dict[str, float | None] = {}
+        unknown = object()
+        heartbeats: dict[str, Any] = {}
         for run in client.search_runs([experiment_id], filter_string="tags.status = 'RUNNING'", max_results=50_000):
             tags = run.data.tags
             parent_id = tags.get("mlflow.parentRunId", run.info.run_id)
             if parent_id not in heartbeats:
                 try:
                     beat = client.get_run(parent_id).data.tags.get("sweep.heartbeat")
-                except Exception:  # noqa: BLE001 - a deleted parent has no heartbeat
-                    beat = None
-                heartbeats[parent_id] = float(beat) if beat else None
+                    heartbeats[parent_id] = float(beat) if beat else None
+                except Exception:  # noqa: BLE001 - unreadable now (a passing server error): unknown, never "dead"
+                    heartbeats[parent_id] = unknown
             owner = tags.get("sweep.owner", "")
-            if owner_alive(owner, heartbeats[parent_id]):
+            if heartbeats[parent_id] is unknown or owner_alive(owner, heartbeats[parent_id]):
                 continue
             pid_host = owner.split("|")
             who = f"pid {pid_host[2]} on {pid_host[0]}" if len(pid_host) == 4 else "an unknown process"
@@ -692,7 +689,8 @@ class Sweep:
                 return "resume", run
         return "new", None
 
-    def _create_child(self, client, experiment_id: str, spec: RunSpec) -> str:
+    def _create_child(self, client, experiment_id: str, spec: RunSpec, outcome: RunOutcome) -> None:
+        """Create the child run (``outcome.run_id`` is set as soon as it exists), its params and config."""
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
         exp = spec.exp
@@ -710,20 +708,19 @@ class Sweep:
             "sweep.owner": self.owner,
             **self.environment_tags,
         }
-        run = client.create_run(experiment_id, tags=tags, run_name=spec.name)
+        outcome.run_id = client.create_run(experiment_id, tags=tags, run_name=spec.name).info.run_id
         resolved = exp.model_dump(mode="json")
         resolved["seed"] = spec.seed
         resolved.pop("seeds", None)
-        log_params(client, run.info.run_id, flatten_dict(resolved))
-        client.log_text(run.info.run_id, yaml.safe_dump(resolved, sort_keys=False), "config.yaml")
-        return run.info.run_id
+        log_params(client, outcome.run_id, flatten_dict(resolved))
+        client.log_text(outcome.run_id, yaml.safe_dump(resolved, sort_keys=False), "config.yaml")
 
-    def _reopen(self, client, run) -> str:
+    def _reopen(self, client, run, outcome: RunOutcome) -> None:
         """Take over an interrupted run for ``--resume``: it continues in the same MLflow run,
         now a child of this sweep."""
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-        run_id = run.info.run_id
+        run_id = outcome.run_id = run.info.run_id
         tags = run.data.tags
         client.set_tag(run_id, "resumed_from_sweep", tags.get(MLFLOW_PARENT_RUN_ID, ""))
         client.set_tag(run_id, "resumed_from_episode", tags["checkpoint_episode"])
@@ -733,7 +730,6 @@ class Sweep:
         if "error" in tags:
             client.delete_tag(run_id, "error")
         client.update_run(run_id, status="RUNNING")
-        return run_id
 
     @staticmethod
     def _reused(spec: RunSpec, run) -> RunOutcome:
@@ -751,14 +747,29 @@ class Sweep:
     # -- executing ------------------------------------------------------------------------------
 
     def _start(self, client, experiment_id: str, spec: RunSpec, index: int, action: str, prior, display: _Display,
-               active: list[_Job]) -> None:
-        run_id = self._reopen(client, prior) if action == "resume" else self._create_child(client, experiment_id, spec)
-        job = _Job(spec, index, RunOutcome(spec, "FAILED", 0.0, run_id=run_id))
+               active: list[_Job]) -> bool:
+        """Set up the run in the store and submit its worker; whether it is now running. A run
+        whose set-up fails (a full disk, a store error, a worker that cannot start) is completed
+        FAILED with the reason, and the sweep goes on."""
+        job = _Job(spec, index, RunOutcome(spec, "FAILED", 0.0))
+        active.append(job)  # before anything is created: an interrupt from here on finds it
         note = f" (resuming from episode {prior.data.tags['checkpoint_episode']})" if action == "resume" else ""
         display.start_run(spec.name, spec.exp.total_steps, PROGRESS_LABEL[spec.exp.task], note)
-        active.append(job)  # before the submission: a Ctrl-C while the forkserver preloads still finds it
-        args = (spec.exp.model_dump(mode="json"), spec.seed, spec.name, self.tracking_uri, run_id, action == "resume")
-        self.executor.submit(job, args)
+        stage = "set up the run in the tracking store"
+        try:
+            if action == "resume":
+                self._reopen(client, prior, job.outcome)
+            else:
+                self._create_child(client, experiment_id, spec, job.outcome)
+            stage = "start the worker"
+            args = (spec.exp.model_dump(mode="json"), spec.seed, spec.name, self.tracking_uri, job.outcome.run_id,
+                    action == "resume")
+            self.executor.submit(job, args)
+            return True
+        except Exception as exc:  # noqa: BLE001 - the run ends FAILED with the reason; the sweep goes on
+            job.outcome.error = f"could not {stage}: {_one_line(exc)}"
+            self._complete(client, job)
+            return False
 
     def _handle(self, job: _Job, event, display: _Display) -> None:
         kind = event[0]
@@ -785,7 +796,7 @@ class Sweep:
     def _complete(self, client, job: _Job) -> None:
         outcome, spec = job.outcome, job.spec
         clean_exit = self.executor.finish(job)
-        outcome.wall_s = time.monotonic() - job.start
+        outcome.wall_s = time.monotonic() - job.start if job.start else 0.0
         if outcome.status not in ("TIMED_OUT", "KILLED"):  # the worker ended on its own
             result, error = job.received.get("done"), job.received.get("error")
             if result is not None and clean_exit:
@@ -795,25 +806,40 @@ class Sweep:
                 outcome.episodes_done = result["episodes_done"]
                 outcome.grad_circuit_evals = result["grad_circuit_evals"]
                 outcome.total_circuit_evals = result["total_circuit_evals"]
-                client.set_tag(outcome.run_id, "summary", json.dumps(result))
             else:
                 outcome.status = "FAILED"
-                outcome.error = error or "the worker ended without a result (crashed or killed)"
+                outcome.error = outcome.error or error or "the worker ended without a result (crashed or killed)"
         if spec.exp.backend == "classical":
             outcome.grad_circuit_evals = outcome.total_circuit_evals = None
-        if outcome.status != "PASSED":
-            history = client.get_metric_history(outcome.run_id, PROGRESS_METRIC[spec.exp.task])
+        run_id = outcome.run_id
+        if run_id is None:  # never created in the store
+            return
+        if outcome.status == "PASSED":
+            self._store(spec.name, client.set_tag, run_id, "summary", json.dumps(job.received["done"]))
+        else:
+            history = self._store(spec.name, client.get_metric_history, run_id, PROGRESS_METRIC[spec.exp.task]) or []
             if history:
                 last = max(history, key=lambda m: m.step).value
                 if spec.exp.task == "cartpole":
                     outcome.final_avg_return = last
                 else:
                     outcome.final_fidelity = last
-        client.set_tag(outcome.run_id, "status", outcome.status)
         if outcome.error:
-            client.set_tag(outcome.run_id, "error", outcome.error[:5000])
-        log_metrics(client, outcome.run_id, {"time/wall_s": outcome.wall_s}, outcome.episodes_done)
-        client.set_terminated(outcome.run_id, MLFLOW_STATUS[outcome.status])
+            self._store(spec.name, client.set_tag, run_id, "error", outcome.error[:5000])
+        self._store(spec.name, log_metrics, client, run_id, {"time/wall_s": outcome.wall_s}, outcome.episodes_done)
+        self._store(spec.name, client.set_tag, run_id, "status", outcome.status)
+        self._store(spec.name, client.set_terminated, run_id, MLFLOW_STATUS[outcome.status])
+
+    def _store(self, what: str, call, *args, **kwargs):
+        """One write to (or read from) the tracking store on the sweep's way to a status. A failure
+        (a full disk, a broken store) is recorded in ``store_errors`` rather than ending the sweep,
+        so every run still gets its status where the store takes one; ``run.py`` reports the
+        failures in one line and exits 1. Returns the call's result, None when it failed."""
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - recorded and reported, never swallowed
+            self.store_errors.append(f"{what}: {_one_line(exc)}")
+            return None
 
     def _wait(self, active: list[_Job]) -> None:
         """Sleep until a worker sends something or exits, a deadline passes, or a heartbeat is due."""
@@ -826,10 +852,17 @@ class Sweep:
             client.set_tag(self.parent_run_id, "sweep.heartbeat", f"{time.time():.0f}")
 
     def run(self) -> list[RunOutcome]:
-        from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
-
+        """Run the sweep; always ends every run it created and its parent run with a status."""
         if self.executor is None:
             self.executor = LocalExecutor()
+        try:
+            return self._run()
+        finally:
+            self.executor.close()
+
+    def _run(self) -> list[RunOutcome]:
+        from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
         client = mlflow_client(self.tracking_uri)
         experiment_id = get_or_create_experiment(client, self.experiment_name)
         prepare_store(self.tracking_uri)
@@ -838,24 +871,24 @@ class Sweep:
             print(f"Marked KILLED {len(stale)} run(s) left RUNNING by a sweep that died: {', '.join(stale)}", flush=True)
         plan = [(spec, *self._plan(client, experiment_id, spec)) for spec in self.runs]
         sweep_name = f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
-        parent = client.create_run(
-            experiment_id,
-            tags={MLFLOW_RUN_NAME: sweep_name, "kind": "sweep", "config": self.cfg.source, "status": "RUNNING",
-                  "sweep.owner": self.owner, **self.environment_tags},
-            run_name=sweep_name,
-        )
-        self.parent_run_id = parent.info.run_id
-        self._heartbeat(client)
-        log_params(client, self.parent_run_id, {"config": self.cfg.source, "n_runs": len(self.runs), "jobs": self.jobs,
-                                                "resume": self.resume, "executor": self.executor.name})
-        client.log_text(self.parent_run_id, yaml.safe_dump(
-            {"experiments": [e.model_dump(mode="json") for e in self.cfg.experiments]}, sort_keys=False), "sweep_config.yaml")
-        display = _Display(len(self.runs), self.live)
         outcomes: dict[int, RunOutcome] = {}
         pending = deque(enumerate(plan))
         active: list[_Job] = []
+        display = _Display(len(self.runs), self.live)
         t0 = time.monotonic()
         try:
+            self.parent_run_id = client.create_run(
+                experiment_id,
+                tags={MLFLOW_RUN_NAME: sweep_name, "kind": "sweep", "config": self.cfg.source, "status": "RUNNING",
+                      "sweep.owner": self.owner, **self.environment_tags},
+                run_name=sweep_name,
+            ).info.run_id
+            self._heartbeat(client)
+            self._store("sweep params", log_params, client, self.parent_run_id, {
+                "config": self.cfg.source, "n_runs": len(self.runs), "jobs": self.jobs, "resume": self.resume,
+                "executor": self.executor.name})
+            self._store("sweep_config.yaml", client.log_text, self.parent_run_id, yaml.safe_dump(
+                {"experiments": [e.model_dump(mode="json") for e in self.cfg.experiments]}, sort_keys=False), "sweep_config.yaml")
             while pending or active:
                 while pending and len(active) < self.jobs:
                     index, (spec, action, prior) = pending.popleft()
@@ -863,7 +896,10 @@ class Sweep:
                         outcomes[index] = self._reused(spec, prior)
                         display.end_run(outcomes[index])
                         continue
-                    self._start(client, experiment_id, spec, index, action, prior, display, active)
+                    if not self._start(client, experiment_id, spec, index, action, prior, display, active):
+                        job = active.pop()
+                        outcomes[index] = job.outcome
+                        display.end_run(job.outcome)
                 if not active:
                     continue
                 self._wait(active)
@@ -873,23 +909,34 @@ class Sweep:
                         outcomes[job.index] = job.outcome
                         display.end_run(job.outcome)
                 self._heartbeat(client)
-        except KeyboardInterrupt:
-            self.interrupted = True
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (run.py raises a subclass with .signum)
+            self.interrupted = getattr(exc, "signum", signal.SIGINT)
+            with _signals_ignored():  # a second Ctrl-C must not leave runs RUNNING halfway through
+                for job in active:
+                    self.executor.kill(job)
+                    job.outcome.status = "KILLED"
+                    job.outcome.error = f"sweep interrupted ({signal.Signals(self.interrupted).name}) at episode {job.outcome.episodes_done}"
+                    self._complete(client, job)
+                    outcomes[job.index] = job.outcome
+                    display.end_run(job.outcome)
+        except Exception as exc:  # a store that fails mid-sweep: end what runs, then report it
+            self.store_errors.append(f"sweep: {_one_line(exc)}")
             for job in active:
                 self.executor.kill(job)
-                job.outcome.status = "KILLED"
-                job.outcome.error = f"sweep interrupted at episode {job.outcome.episodes_done}"
+                job.outcome.error = f"the sweep stopped: {_one_line(exc)}"
                 self._complete(client, job)
                 outcomes[job.index] = job.outcome
-                display.end_run(job.outcome)
         finally:
             display.close()
         total_s = time.monotonic() - t0
         finished = [outcomes[i] for i in sorted(outcomes)]
-        self._report(client, finished, len(pending), total_s)
+        with _signals_ignored():
+            self._report(client, finished, len(pending), total_s)
         return finished
 
     def _report(self, client, outcomes: list[RunOutcome], not_started: int, total_s: float) -> None:
+        """Summary on the terminal and in the parent run, figures, and the parent's status. Every
+        write goes through :meth:`_store`: a full disk costs the artifacts, never the statuses."""
         rows = summary_rows(outcomes)
         columns = summary_columns({spec.exp.task for spec in self.runs})
         print_summary(rows, columns, total_s)
@@ -898,20 +945,46 @@ class Sweep:
         reused = sum(o.reused for o in outcomes)
         if reused:
             print(f"{reused} run(s) had PASSED earlier with the same config and were not run again (--resume).")
+        if self.parent_run_id is None:
+            return
+        parent = self.parent_run_id
         counts = {s: sum(o.status == s for o in outcomes) for s in STATUSES}
         sweep_metrics = {"sweep/wall_s": total_s, "sweep/n_not_started": not_started, "sweep/n_reused": reused,
                          **{f"sweep/n_{k.lower()}": v for k, v in counts.items()}}
-        log_metrics(client, self.parent_run_id, sweep_metrics, 0)
-        client.log_text(self.parent_run_id, summary_markdown(rows, columns), "summary.md")
-        client.log_text(self.parent_run_id, summary_csv(rows, columns), "summary.csv")
-        _log_figure(client, self.parent_run_id, comparison_figure(client, outcomes), "comparison.png")
+        if self.executor.startup_s is not None:
+            sweep_metrics["sweep/startup_s"] = self.executor.startup_s
+        self._store("sweep metrics", log_metrics, client, parent, sweep_metrics, 0)
+        self._store("summary.md", client.log_text, parent, summary_markdown(rows, columns), "summary.md")
+        self._store("summary.csv", client.log_text, parent, summary_csv(rows, columns), "summary.csv")
+        self._store("comparison.png", lambda: _log_figure(client, parent, comparison_figure(client, outcomes), "comparison.png"))
         meta_runs = [o for o in outcomes if o.spec.exp.task == "qubit_meta" and o.status == "PASSED"]
         if meta_runs:
-            _log_figure(client, self.parent_run_id, gap_vs_variance_figure(client, meta_runs), "gap_vs_variance.png")
+            self._store("gap_vs_variance.png",
+                        lambda: _log_figure(client, parent, gap_vs_variance_figure(client, meta_runs), "gap_vs_variance.png"))
         all_passed = not self.interrupted and all(o.status == "PASSED" for o in outcomes)
-        sweep_status = "KILLED" if self.interrupted else ("PASSED" if all_passed else "FAILED")
-        client.set_tag(self.parent_run_id, "status", sweep_status)
-        client.set_terminated(self.parent_run_id, MLFLOW_STATUS[sweep_status])
+        sweep_status = "KILLED" if self.interrupted else ("PASSED" if all_passed and not self.store_errors else "FAILED")
+        if self.store_errors:
+            self._store("sweep", client.set_tag, parent, "error", "; ".join(self.store_errors)[:5000])
+        self._store("sweep", client.set_tag, parent, "status", sweep_status)
+        self._store("sweep", client.set_terminated, parent, MLFLOW_STATUS[sweep_status])
+
+
+@contextlib.contextmanager
+def _signals_ignored():
+    """Ignore Ctrl-C, SIGTERM and SIGHUP inside the block (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:limit]}"
 
 
 def _stop(proc) -> None:

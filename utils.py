@@ -7,7 +7,9 @@ import importlib.metadata
 import os
 import random
 import socket
+import sqlite3
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -147,14 +149,65 @@ def check_tracking_uri(uri: str, timeout_s: float = 3.0) -> None:
             reason = getattr(exc, "reason", exc)
             raise RuntimeError(f"tracking server {uri} is unreachable ({reason})") from None
     elif uri.startswith("sqlite:///"):
-        db_path = Path(uri[len("sqlite:///") :])
-        parent = db_path.parent if str(db_path.parent) else Path(".")
-        if not parent.is_dir():
-            raise RuntimeError(f"tracking URI {uri}: directory {parent} does not exist")
+        check_sqlite_store(uri)
     elif uri.startswith(("file:", "./", "/")) or "://" not in uri:
         raise RuntimeError(
             f"tracking URI {uri!r}: file stores are refused by MLflow 3; use sqlite:///PATH.db or http://HOST:PORT"
         )
+
+
+def check_sqlite_store(uri: str) -> None:
+    """Refuse (``RuntimeError``, one line saying what to do) a SQLite store the sweep could not
+    use, before anything is written: a missing or unwritable directory, a store file that is not
+    a regular file, read-only, not an SQLite database, not an MLflow store, or an MLflow schema
+    other than the installed MLflow's. Nothing is created or changed."""
+    path = Path(uri[len("sqlite:///") :])
+    parent = path.parent if str(path.parent) else Path(".")
+    where = f"tracking store {uri}"
+    if not parent.is_dir():
+        raise RuntimeError(f"{where}: directory {parent} does not exist")
+    if not path.exists():
+        try:  # root passes permission checks, but not a read-only file system: try it
+            with tempfile.TemporaryFile(dir=parent):
+                pass
+        except OSError as exc:
+            raise RuntimeError(f"{where}: cannot create the store in {parent} ({exc.strerror}); "
+                               "choose a writable directory with --tracking-uri") from None
+        return
+    if not path.is_file():
+        raise RuntimeError(f"{where}: {path} is not a regular file")
+    for file in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        if file.exists() and not os.access(file, os.R_OK | os.W_OK):
+            raise RuntimeError(f"{where}: {file} is read-only; make it writable (chmod u+rw {file}) or use another store")
+    if not os.access(parent, os.W_OK):  # SQLite writes its journal beside the file
+        raise RuntimeError(f"{where}: directory {parent} is read-only; SQLite needs to write its journal there")
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            revision = db.execute("SELECT version_num FROM alembic_version").fetchone() if "alembic_version" in tables else None
+    except sqlite3.DatabaseError as exc:
+        raise RuntimeError(f"{where}: {path} is not a usable SQLite database ({exc}); "
+                           f"move it aside (mv {path} {path}.broken) and run again for a new store") from None
+    if not tables:  # an empty file: MLflow creates its tables
+        return
+    if revision is None or "experiments" not in tables:
+        raise RuntimeError(f"{where}: {path} is an SQLite database but not an MLflow store; use another file")
+    head, known = mlflow_schema_revisions()
+    if revision[0] != head:
+        if revision[0] in known:
+            raise RuntimeError(f"{where}: the store's schema is out of date (revision {revision[0]}, this MLflow needs {head}); "
+                               f"back it up, then upgrade it: mlflow db upgrade {uri}")
+        raise RuntimeError(f"{where}: the store was written by another MLflow version (schema revision {revision[0]} "
+                           f"is unknown to MLflow {library_versions()['mlflow']}); use that version or another store")
+
+
+def mlflow_schema_revisions() -> tuple[str, set[str]]:
+    """The installed MLflow's newest SQL schema revision and every revision it can upgrade from."""
+    import mlflow
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory(str(Path(mlflow.__file__).parent / "store" / "db_migrations"))
+    return scripts.get_current_head(), {rev.revision for rev in scripts.walk_revisions()}
 
 
 class RetryingClient:

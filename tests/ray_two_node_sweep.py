@@ -45,7 +45,7 @@ def free_port() -> int:
 def sweep(workdir: Path, uri: str, experiment: str, *extra: str) -> tuple[int, float, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "QMLBENCH_INJECT_FAULT": FAULTS}
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "-c", str(workdir / "sweep.yaml"), "--tracking-uri", uri,
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "run_with_faults.py"), "-c", str(workdir / "sweep.yaml"), "--tracking-uri", uri,
                            "--experiment-name", experiment, *extra], cwd=workdir, env=env, capture_output=True, text=True,
                           timeout=900)
     return proc.returncode, time.monotonic() - t0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -33,8 +33,10 @@ def env_for(**extra):
 
 
 def run_py(tmp_path, *args, env=None, timeout=600):
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), "-c", str(tmp_path / "sweep.yaml"), *args], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=timeout, env=env or env_for())
+    env = env or env_for()
+    script = ROOT / "tests" / "run_with_faults.py" if "QMLBENCH_INJECT_FAULT" in env else ROOT / "run.py"
+    return subprocess.run([sys.executable, str(script), "-c", str(tmp_path / "sweep.yaml"), *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def children(tmp_path, name="rel", uri=None):

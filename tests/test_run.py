@@ -28,7 +28,8 @@ def run_py(tmp_path, config: dict | str, *args, env_extra=None, timeout=600):
     path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), "-c", str(path), *args], cwd=tmp_path,
+    script = ROOT / "tests" / "run_with_faults.py" if "QMLBENCH_INJECT_FAULT" in env else ROOT / "run.py"
+    return subprocess.run([sys.executable, str(script), "-c", str(path), *args], cwd=tmp_path,
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
