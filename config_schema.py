@@ -165,7 +165,7 @@ TASK_ALGORITHMS = {"cartpole": ("reinforce", "dqn"), "qubit_meta": ("maml", "fom
 
 
 class NoiseConfig(_Strict):
-    """The task distribution of the qubit tasks (units of DESIGN.md section 6: T = 1)."""
+    """The task distribution of the qubit tasks (units of docs/CONVENTIONS.md §3: T = 1)."""
 
     dist_type: Literal["uniform", "log_uniform", "gaussian"] = "log_uniform"
     """log_uniform: A, omega_c (A2, omega_c2) uniform in log, alpha and detuning uniform."""
@@ -409,6 +409,30 @@ class ExperimentConfig(_Strict):
         return self.gradient in ("spsa", "finite-diff")
 
 
+def applicable_fields(exp: ExperimentConfig) -> dict:
+    """The resolved experiment as plain data without the sections it does not use (what
+    ``run.py --dry-run`` prints): ``meta`` only for qubit tasks, ``training`` only for CartPole
+    (``training.dqn`` only for DQN), the backend's own section, the estimator's own settings, the
+    circuit's or the MLP's model fields."""
+    data = exp.model_dump(mode="json")
+    unused = {"meta": exp.task != "qubit_meta", "training": exp.task == "qubit_meta",
+              "pennylane": exp.backend != "pennylane", "tensorcircuit": exp.backend != "tensorcircuit",
+              "spsa": exp.gradient != "spsa", "finite_diff": exp.gradient != "finite-diff"}
+    for key, drop in unused.items():
+        if drop:
+            data.pop(key)
+    if "training" in data and exp.algorithm != "dqn":
+        data["training"].pop("dqn")
+    model_only = ("hidden_sizes",) if exp.backend != "classical" else ("n_qubits", "n_layers", "observables", "init")
+    for key in model_only:
+        data["model"].pop(key)
+    return data
+
+
+#: The config sections that only some tasks read (``--set`` on a sweep with none of them is refused).
+TASK_SECTIONS = {"meta": ("qubit_meta",), "training": ("cartpole",)}
+
+
 class SweepConfig(_Strict):
     mlflow: MLflowConfig = MLflowConfig()
     experiments: list[ExperimentConfig]
@@ -530,6 +554,44 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def _blame_override(line: str, override_text: dict[str, str]) -> str:
+    """A validation error about a field that ``--set`` changed, attributed to the command line."""
+    match = re.search(r"field '([^']+)': (.*)$", line)
+    if match:
+        field_path, rest = match.groups()
+        for key, text in override_text.items():
+            if field_path == key or field_path.startswith(key + ".") or key.startswith(field_path + "."):
+                shown = text if len(text) <= 80 else text[:77] + "..."
+                return f"--set {shown!r}: field {field_path!r}: {rest}"
+    return line
+
+
+def _select(experiments: list[ExperimentConfig], only: list[str] | tuple[str, ...]) -> list[ExperimentConfig]:
+    """``--only``: experiment names, or run names as the summary prints them (``NAME-seedN``:
+    that experiment with that seed alone). Unknown names get the closest ones suggested."""
+    import difflib
+
+    by_name = {e.name: e for e in experiments}
+    run_names = {f"{e.name}-seed{seed}": (e.name, seed) for e in experiments for seed in e.seed_list}
+    wanted: dict[str, list[int] | None] = {}  # None: every seed of the experiment
+    lines = []
+    for item in only:
+        if item in by_name:
+            wanted[item] = None
+        elif item in run_names:
+            name, seed = run_names[item]
+            if wanted.get(name, []) is not None:
+                wanted.setdefault(name, []).append(seed)
+        else:
+            close = difflib.get_close_matches(item, [*by_name, *run_names], n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}?" if close else f"allowed: {', '.join(by_name)}"
+            lines.append(f"--only {item!r}: no such experiment or run; {hint}")
+    if lines:
+        raise ConfigError(lines)
+    return [e if wanted[e.name] is None else e.model_copy(update={"seed": None, "seeds": wanted[e.name]})
+            for e in experiments if e.name in wanted]
+
+
 def _set_dotted(target: dict, parts: list[str], value: Any) -> None:
     node = target
     for part in parts[:-1]:
@@ -627,9 +689,11 @@ def load_config(
         raise ConfigError(lines)
 
     experiment_overrides = []
+    override_text: dict[str, str] = {}
     mlflow_raw = copy.deepcopy(mlflow_raw)
     for text in overrides:
         parts, value = parse_override(text)
+        override_text[".".join(parts)] = text
         if parts[0] == "mlflow":
             if len(parts) < 2:
                 raise ConfigError([f"--set {text!r}: name a field under mlflow"])
@@ -659,7 +723,10 @@ def load_config(
         try:
             exp = ExperimentConfig.model_validate(merged)
         except ValidationError as exc:
-            lines.extend(_format_validation_error(label, exc))
+            for line in _format_validation_error(label, exc):
+                blamed = _blame_override(line, override_text)
+                if blamed not in lines:  # an override's error once, not once per experiment
+                    lines.append(blamed)
             continue
         if exp.name in names:
             lines.append(f"{label}: field 'name': {exp.name!r} is used by experiments[{names[exp.name]}] too")
@@ -669,12 +736,15 @@ def load_config(
     if lines:
         raise ConfigError(lines)
 
+    for key, text in override_text.items():
+        tasks = TASK_SECTIONS.get(key.split(".")[0])
+        if tasks and not any(e.task in tasks for e in experiments):
+            lines.append(f"--set {text if len(text) <= 80 else text[:77] + '...'!r}: {key.split('.')[0]}.* applies to "
+                         f"task {' / '.join(tasks)}, and no experiment of {source} has that task")
+    if lines:
+        raise ConfigError(lines)
+
     if only:
-        unknown_only = [n for n in only if n not in names]
-        if unknown_only:
-            raise ConfigError(
-                [f"--only {n!r}: no such experiment; allowed: {', '.join(names)}" for n in unknown_only]
-            )
-        experiments = [e for e in experiments if e.name in set(only)]
+        experiments = _select(experiments, only)
     assert mlflow_cfg is not None
     return SweepConfig(mlflow=mlflow_cfg, experiments=experiments, source=source)

@@ -83,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="local: processes on this machine (default); ray: Ray tasks on a cluster")
     p.add_argument("--ray-address", metavar="auto|HOST:PORT",
                    help="Ray cluster to join (default: start a single-node Ray on this machine)")
+    p.add_argument("--system-metrics", action="store_true",
+                   help="log each run's CPU, memory, disk and network use as system/* metrics (every 10 s)")
     p.add_argument("--resume", action="store_true",
                    help="skip runs that already PASSED with the same resolved config in this MLflow experiment, "
                         "continue TIMED_OUT / KILLED runs from their last checkpoint, run the rest")
@@ -131,9 +133,11 @@ def _main(args: argparse.Namespace) -> int:
         if args.dry_run:
             import yaml
 
+            from config_schema import applicable_fields
+
             for r in runs:
                 print(f"--- {r.name}")
-                print(yaml.safe_dump(r.exp.model_dump(mode="json"), sort_keys=False).rstrip())
+                print(yaml.safe_dump(applicable_fields(r.exp), sort_keys=False).rstrip())
         return 0
     if args.ray_address and args.executor != "ray":
         print("error: --ray-address needs --executor ray", file=sys.stderr)
@@ -153,7 +157,8 @@ def _main(args: argparse.Namespace) -> int:
     from runner import Sweep
 
     jobs = args.jobs or (executor.total_cpus() if executor is not None else 1)
-    sweep = Sweep(cfg, tracking_uri, experiment_name, jobs=jobs, resume=args.resume, executor=executor)
+    sweep = Sweep(cfg, tracking_uri, experiment_name, jobs=jobs, resume=args.resume, executor=executor,
+                  system_metrics=args.system_metrics)
     try:
         outcomes = sweep.run()
     except Exception as exc:  # noqa: BLE001 - the store failed before any run could start: one line, not a traceback

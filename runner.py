@@ -25,6 +25,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import multiprocessing as mp
 import os
 import signal
@@ -78,7 +79,7 @@ CHECKPOINT_DIR, CHECKPOINT_FILE = "checkpoint", "checkpoint.pt"
 MLFLOW_STATUS = {"PASSED": "FINISHED", "FAILED": "FAILED", "TIMED_OUT": "KILLED", "KILLED": "KILLED"}
 #: The metric that shows a run's progress (comparison plot; last value of a run that did not pass).
 PROGRESS_METRIC = {"cartpole": "rollout/avg_return_10", "qubit_meta": "meta/val_fidelity_post"}
-PROGRESS_LABEL = {"cartpole": "avg return", "qubit_meta": "val fidelity"}
+PROGRESS_LABEL = {"cartpole": "avg return", "qubit_meta": "validation fidelity"}
 
 
 @dataclass
@@ -105,10 +106,33 @@ class RunOutcome:
     error: str | None = None
     reused: bool = False
     """PASSED in an earlier sweep with the same resolved config (``--resume``): not run again."""
+    baselines: dict[str, float] = field(default_factory=dict)
+    """qubit_meta: fidelity of the robust pulse and of the per-task optimum, gap to the robust pulse."""
+
+    @property
+    def cost_per_step(self) -> tuple[float | None, float | None]:
+        """Wall seconds and circuit evaluations per episode (CartPole) or meta-iteration."""
+        steps = self.episodes_done
+        if not steps:
+            return None, None
+        evals = None if self.total_circuit_evals is None else self.total_circuit_evals / steps
+        return self.wall_s / steps, evals
 
 
 def expand(cfg: SweepConfig) -> list[RunSpec]:
     return [RunSpec(exp, seed) for exp in cfg.experiments for seed in exp.seed_list]
+
+
+TASK_TITLES = {"cartpole": "CartPole-v1", "qubit_meta": "noisy-qubit pulses"}
+
+
+def run_description(spec: RunSpec) -> str:
+    """One line for the run's description in the MLflow UI (tag ``mlflow.note.content``)."""
+    exp = spec.exp
+    what = "MLP" if exp.backend == "classical" else f"{exp.model.n_qubits}-qubit, {exp.model.n_layers}-layer circuit"
+    extra = f", {exp.meta.noise.model_types} noise" if exp.task == "qubit_meta" else f", {exp.total_steps} episodes"
+    return (f"{exp.algorithm.upper()} on {TASK_TITLES[exp.task]}: {what} on {exp.backend}, gradient {exp.gradient}, "
+            f"seed {spec.seed}{extra}. Config: artifact config.yaml.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,8 +188,50 @@ def _load_checkpoint(client, run_id: str) -> tuple[dict, int]:
     return state, max((m.step for m in history), default=-1)
 
 
+#: Headline metrics under short names (the columns a reader adds in the MLflow UI), from the
+#: run's own final metrics; ``final/wall_s`` is added by the sweep when the run ends.
+HEADLINE_METRICS = {"final/return": "final/avg_return_10", "final/fidelity": "final/fidelity_post",
+                    "final/circuit_evals": "final/total_circuit_evals"}
+#: What the summary table and the parent's note show of a qubit run besides its fidelity.
+BASELINE_METRICS = {"fidelity_robust": "final/fidelity_robust", "fidelity_optimum": "final/fidelity_optimum",
+                    "gap_to_robust": "final/gap_to_robust"}
+
+
+def final_metrics_to_log(final: dict[str, float], quantum: bool) -> tuple[dict[str, float], dict[str, float]]:
+    """Split a run's final metrics into (``final/*`` at step 0, so they read as one value per
+    run, with the short headline names added; the rest, at the last step)."""
+    headline = {k: v for k, v in final.items() if k.startswith("final/")}
+    for short, source in HEADLINE_METRICS.items():
+        if source in final and (quantum or short != "final/circuit_evals"):
+            headline[short] = final[source]
+    return headline, {k: v for k, v in final.items() if not k.startswith("final/")}
+
+
+def json_safe(value):
+    """``value`` with NaN and infinities as None, so ``json.dumps`` writes valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    return value
+
+
+def _capture_output(path: str | None) -> None:
+    """Send this process's stdout and stderr (file descriptors 1 and 2, so C libraries and
+    third-party prints too) to ``path``: a worker never writes into the sweep's live display.
+    The sweep logs the file as the run's ``worker_output.txt``."""
+    if path is None:
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
 def _run_worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_id: str, resume: bool, events,
-                tags: dict[str, str] | None = None) -> bool:
+                tags: dict[str, str] | None = None, system_metrics: bool = False) -> bool:
     """Train one run, logging to its MLflow run; ``events`` (anything with ``send``) carries
     progress, then ("done", summary) or ("error", message). Returns whether it succeeded."""
     import torch
@@ -177,21 +243,31 @@ def _run_worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run
 
         use_tensorcircuit(exp_data["tensorcircuit"]["math_backend"])
     client = mlflow_client(tracking_uri)
+    monitor = None
     try:
         for key, value in (tags or {}).items():
             client.set_tag(run_id, key, value)
         exp = ExperimentConfig.model_validate(exp_data)
+        if system_metrics:  # CPU, memory, disk, network every 10 s as system/* metrics
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(run_id, resume_logging=resume, tracking_uri=tracking_uri)
+            monitor.start()
         state, logged_through = _load_checkpoint(client, run_id) if resume else (None, -1)
         reporter = _WorkerReporter(client, run_id, run_name, events, logged_through)
         result = train(exp, seed, reporter, resume=state)
-        log_metrics(client, run_id, {**result.final_metrics(), "time/mlflow_lock_retries": client.retries}, result.final_step)
+        final = result.final_metrics()
+        headline, rest = final_metrics_to_log(final, exp.backend != "classical")
+        log_metrics(client, run_id, headline, 0)
+        log_metrics(client, run_id, {**rest, "time/mlflow_lock_retries": client.retries}, result.final_step)
         with tempfile.TemporaryDirectory() as tmp:
             weights = Path(tmp) / "weights.pt"
             torch.save(result.state_dict(), weights)
             client.log_artifact(run_id, str(weights), "model")
         for artifact, fig in result.figures(run_name).items():
             _log_figure(client, run_id, fig, artifact)
-        events.send(("done", result.summary()))
+        summary = {**result.summary(), **{k: final[m] for k, m in BASELINE_METRICS.items() if m in final}}
+        events.send(("done", json_safe(summary)))
         return True
     except BaseException as exc:  # noqa: BLE001 - recorded as FAILED by the parent, never swallowed
         message = f"{type(exc).__name__}: {exc}"
@@ -200,14 +276,18 @@ def _run_worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run
         finally:
             events.send(("error", message))
         return False
+    finally:
+        if monitor is not None:
+            monitor.finish()
 
 
 def _worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_id: str, resume: bool,
-            events: Connection) -> None:
+            system_metrics: bool, output_path: str | None, events: Connection) -> None:
     """The local executor's worker process; ``events`` is the sending end of a pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C for the sweep
     die_with_parent()  # its parent is the forkserver, which dies with the sweep (see sweep.lifeline)
-    if not _run_worker(exp_data, seed, run_name, tracking_uri, run_id, resume, events):
+    _capture_output(output_path)
+    if not _run_worker(exp_data, seed, run_name, tracking_uri, run_id, resume, events, system_metrics=system_metrics):
         sys.exit(1)
 
 
@@ -241,11 +321,12 @@ class _Display:
 
     def update(self, name: str, episode: int, total: int, avg_return: float) -> None:
         label = self._labels.get(name, "avg return")
+        shown = f"{label} {avg_return:.4g}" if avg_return == avg_return else f"{label} not measured yet"
         if self.live:
-            self.progress.update(self._tasks[name], completed=episode, description=f"  {name} {label} {avg_return:6.4g}")
+            self.progress.update(self._tasks[name], completed=episode, description=f"  {name} {shown}")
         elif time.monotonic() - self._last_line.get(name, 0.0) > 2.0 or episode == total:
             self._last_line[name] = time.monotonic()
-            print(f"[{self.done + 1}/{self.total}] {name}: step {episode}/{total}, {label} {avg_return:.4g}", flush=True)
+            print(f"[{self.done + 1}/{self.total}] {name}: step {episode}/{total}, {shown}", flush=True)
 
     def end_run(self, outcome: RunOutcome) -> None:
         self.done += 1
@@ -276,24 +357,34 @@ class _Display:
 
 
 BASE_COLUMNS = ("run", "backend", "gradient", "status", "wall_s")
-COUNT_COLUMNS = ("grad_circuit_evals", "total_circuit_evals")
+COST_COLUMNS = ("s_per_step", "evals_per_step", "grad_circuit_evals", "total_circuit_evals")
+SCORE_COLUMNS = {"cartpole": ("final_avg_return",),
+                 "qubit_meta": ("heldout_fidelity", "fidelity_robust", "fidelity_optimum", "gap_to_robust")}
 
 
-def _rounded(value: float, digits: int) -> float | None:
-    return None if value != value else round(value, digits)
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None or value != value else round(value, digits)
 
 
 def summary_rows(outcomes: list[RunOutcome]) -> list[dict]:
+    """One row per run. ``s_per_step`` and ``evals_per_step``: wall seconds and circuit
+    evaluations per episode (CartPole) or meta-iteration (qubit tasks), the cost a reader compares
+    when scores are equal by design; ``heldout_fidelity``: after adaptation, on the held-out
+    validation tasks (the progress display shows the periodic validation passes)."""
     rows = []
     for o in outcomes:
+        seconds, evals = o.cost_per_step
         rows.append({
             "run": o.spec.name,
             "backend": o.spec.exp.backend,
             "gradient": o.spec.exp.gradient,
             "status": o.status,
             "wall_s": round(o.wall_s, 2),
+            "s_per_step": _rounded(seconds, 3),
+            "evals_per_step": _rounded(evals, 1),
             "final_avg_return": _rounded(o.final_avg_return, 1),
-            "final_fidelity": _rounded(o.final_fidelity, 5),
+            "heldout_fidelity": _rounded(o.final_fidelity, 5),
+            **{k: _rounded(o.baselines.get(k), 5) for k in BASELINE_METRICS},
             "grad_circuit_evals": o.grad_circuit_evals,
             "total_circuit_evals": o.total_circuit_evals,
         })
@@ -301,13 +392,46 @@ def summary_rows(outcomes: list[RunOutcome]) -> list[dict]:
 
 
 def summary_columns(tasks: set[str]) -> tuple[str, ...]:
-    """The score columns of the tasks present (avg return for CartPole, fidelity for qubit tasks)."""
-    scores = []
-    if "cartpole" in tasks:
-        scores.append("final_avg_return")
-    if "qubit_meta" in tasks:
-        scores.append("final_fidelity")
-    return BASE_COLUMNS + tuple(scores) + COUNT_COLUMNS
+    """The score columns of the tasks present, then the cost columns."""
+    scores = tuple(c for task in SCORE_COLUMNS if task in tasks for c in SCORE_COLUMNS[task])
+    return BASE_COLUMNS + scores + COST_COLUMNS
+
+
+def headline(outcomes: list[RunOutcome]) -> list[str]:
+    """Plain-language lines for the parent run's note and the terminal: per backend the cheapest
+    passed run (seconds per step) and the best score."""
+    lines = []
+    passed = [o for o in outcomes if o.status == "PASSED" and o.cost_per_step[0] is not None]
+    scores = {_score(o) for o in passed}
+    equal = len(passed) > 1 and len(scores) == 1 and None not in scores
+    if equal:
+        lines.append(f"every run: {_score_label(passed[0])} {_score(passed[0]):.4g} (equal by design here: compare the cost)")
+    for backend in dict.fromkeys(o.spec.exp.backend for o in passed):
+        mine = [o for o in passed if o.spec.exp.backend == backend]
+        cheapest = min(mine, key=lambda o: o.cost_per_step[0])
+        line = f"{backend}: cheapest {cheapest.spec.name} ({cheapest.cost_per_step[0]:.3g} s per step"
+        if cheapest.cost_per_step[1] is not None:
+            line += f", {cheapest.cost_per_step[1]:.4g} circuits per step"
+        line += ")"
+        scored = [o for o in mine if _score(o) is not None]
+        if scored and not equal:
+            best = max(scored, key=_score)
+            line += f"; best {best.spec.name} ({_score_label(best)} {_score(best):.4g})"
+        lines.append(line)
+    return lines
+
+
+def failure_lines(outcomes: list[RunOutcome]) -> list[str]:
+    return [f"{o.spec.name} {o.status}: {o.error or 'no error recorded'}" for o in outcomes if o.status != "PASSED"]
+
+
+def _score(o: RunOutcome) -> float | None:
+    value = o.final_fidelity if o.spec.exp.task == "qubit_meta" else o.final_avg_return
+    return None if value != value else value
+
+
+def _score_label(o: RunOutcome) -> str:
+    return "held-out fidelity" if o.spec.exp.task == "qubit_meta" else "mean return"
 
 
 def summary_markdown(rows: list[dict], columns: tuple[str, ...]) -> str:
@@ -336,37 +460,58 @@ def print_summary(rows: list[dict], columns: tuple[str, ...], total_s: float) ->
     for r in rows:
         table.add_row(*("-" if r[c] is None else str(r[c]) for c in columns))
     console = Console()
-    if not console.is_terminal:
-        console = Console(width=200)
+    if not console.is_terminal:  # a log file: whole lines, never wrapped cells
+        console = Console(width=100_000)
     console.print(table)
 
 
 def comparison_figure(client, outcomes: list[RunOutcome]):
+    """Progress of every run (markers where a curve has few points), and what each run cost:
+    wall seconds and circuit evaluations per episode or meta-iteration, coloured by status. When
+    the progress curves coincide (a smoke sweep whose returns are equal by design), the title says
+    so and the cost panels carry the comparison."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    height = max(4.5, 0.28 * len(outcomes) + 1.5)
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, height), gridspec_kw={"width_ratios": [3, 2, 2]})
+    curves = []
     for o in outcomes:
         if o.run_id is None:
             continue
         history = sorted(client.get_metric_history(o.run_id, PROGRESS_METRIC[o.spec.exp.task]), key=lambda m: m.step)
         if history:
-            ax1.plot([m.step for m in history], [m.value for m in history], label=o.spec.name, lw=1.3)
+            steps, values = [m.step for m in history], [m.value for m in history]
+            curves.append(values)
+            ax1.plot(steps, values, label=o.spec.name, lw=1.3, marker="o" if len(steps) <= 20 else None, ms=4)
     tasks = {o.spec.exp.task for o in outcomes}
     if tasks == {"qubit_meta"}:
-        ax1.set(xlabel="meta-iteration", ylabel="held-out fidelity after adaptation", title="Fidelity against meta-iteration")
+        ax1.set(xlabel="meta-iteration", ylabel="validation fidelity after adaptation", title="Fidelity against meta-iteration")
     else:
         ax1.set(xlabel="episode (CartPole) / meta-iteration", ylabel="mean return (last 10) / fidelity", title="Progress")
+    if len(curves) > 1 and all(c == curves[0] for c in curves):
+        ax1.set_title("Progress: identical in every run (equal by design); compare the cost")
     if ax1.lines:
-        ax1.legend(fontsize=7, loc="upper left")
+        ax1.legend(fontsize=7, loc="best")
+    else:
+        ax1.text(0.5, 0.5, "no run logged progress", ha="center", va="center", transform=ax1.transAxes)
     names = [o.spec.name for o in outcomes]
     colors = {"PASSED": "tab:green", "FAILED": "tab:red", "TIMED_OUT": "tab:orange", "KILLED": "tab:gray"}
-    ax2.barh(names, [o.wall_s for o in outcomes], color=[colors.get(o.status, "tab:gray") for o in outcomes])
-    ax2.invert_yaxis()
-    ax2.tick_params(axis="y", labelsize=7)
-    ax2.set(xlabel="wall time (s)", title="Wall time per run (colour = status)")
+    bar_colors = [colors.get(o.status, "tab:gray") for o in outcomes]
+    seconds = [o.cost_per_step[0] or 0.0 for o in outcomes]
+    evals = [o.cost_per_step[1] or 0.0 for o in outcomes]
+    ax2.barh(names, seconds, color=bar_colors)
+    ax2.set(xlabel="wall seconds per step", title="Time per episode / iteration (colour = status)")
+    ax3.barh(names, evals, color=bar_colors)
+    ax3.set(xlabel="circuit evaluations per step", title="Circuits per episode / iteration")
+    if any(evals):
+        ax3.set_xscale("log")
+    for ax in (ax2, ax3):
+        ax.invert_yaxis()
+        ax.tick_params(axis="y", labelsize=7)
+    ax3.tick_params(axis="y", labelleft=False)
     fig.tight_layout()
     return fig
 
@@ -419,6 +564,8 @@ class _Job:
     start: float = 0.0
     deadline: float = float("inf")
     received: dict = field(default_factory=dict)
+    output_path: str | None = None
+    """The local worker's stdout and stderr (logged as ``worker_output.txt`` when the run ends)."""
 
 
 def _forkserver_context():
@@ -468,7 +615,9 @@ class LocalExecutor:
             self._wait_for_forkserver()
         receiver, sender = self.ctx.Pipe(duplex=False)
         job.receiver = receiver
-        job.handle = self.ctx.Process(target=_worker, args=(*args, sender), name=job.spec.name)
+        fd, job.output_path = tempfile.mkstemp(prefix=f"{job.spec.name}-", suffix=".log")
+        os.close(fd)
+        job.handle = self.ctx.Process(target=_worker, args=(*args, job.output_path, sender), name=job.spec.name)
         job.start = time.monotonic()
         job.deadline = job.start + job.spec.exp.timeout_s
         try:
@@ -529,8 +678,8 @@ class _QueueEvents:
         self.queue.put((self.index, event))
 
 
-def _ray_task(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_id: str, resume: bool, queue,
-              index: int, plugins: list[str]) -> bool:
+def _ray_task(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_id: str, resume: bool,
+              system_metrics: bool, queue, index: int, plugins: list[str]) -> bool:
     """One run as a Ray task: the same worker as the local executor, tagged with its node."""
     import importlib
 
@@ -541,7 +690,8 @@ def _ray_task(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_i
     node_id = ray.get_runtime_context().get_node_id()
     events = _QueueEvents(queue, index)
     events.send(("started", node_id))
-    return _run_worker(exp_data, seed, run_name, tracking_uri, run_id, resume, events, tags={"ray.node_id": node_id})
+    return _run_worker(exp_data, seed, run_name, tracking_uri, run_id, resume, events, tags={"ray.node_id": node_id},
+                       system_metrics=system_metrics)
 
 
 class RayExecutor:
@@ -621,7 +771,8 @@ class Sweep:
     HEARTBEAT_S = 30.0
 
     def __init__(self, cfg: SweepConfig, tracking_uri: str, experiment_name: str, live: bool | None = None,
-                 jobs: int = 1, resume: bool = False, executor: LocalExecutor | RayExecutor | None = None):
+                 jobs: int = 1, resume: bool = False, executor: LocalExecutor | RayExecutor | None = None,
+                 system_metrics: bool = False):
         if jobs < 1:
             raise ValueError(f"jobs must be at least 1, got {jobs}")
         self.cfg = cfg
@@ -631,19 +782,24 @@ class Sweep:
         self.jobs = jobs
         self.resume = resume
         self.executor = executor
+        self.system_metrics = system_metrics
+        """Log CPU, memory, disk and network use of every run as ``system/*`` metrics (MLflow's monitor)."""
         self.runs = expand(cfg)
         self.interrupted = 0
         """The signal that interrupted the sweep (SIGINT, SIGTERM, SIGHUP), 0 when none did."""
         self.store_errors: list[str] = []
         """Writes to the tracking store that failed (the runs still got their statuses where possible)."""
         self.parent_run_id: str | None = None
+        self.experiment_id: str | None = None
         self.owner = process_owner()
         self._last_heartbeat = 0.0
         #: Tags shared by the parent and every child run, computed once per sweep.
         self.environment_tags = {f"version.{k}": v for k, v in library_versions().items()}
+        self.environment_tags.update({"mlflow.source.name": str(Path(__file__).resolve().parent / "run.py"),
+                                      "mlflow.source.type": "LOCAL"})
         commit = git_commit(Path(__file__).parent)
         if commit:
-            self.environment_tags["git_commit"] = commit
+            self.environment_tags["mlflow.source.git.commit"] = commit
 
     # -- before any run starts ------------------------------------------------------------------
 
@@ -708,6 +864,7 @@ class Sweep:
             "sweep.owner": self.owner,
             **self.environment_tags,
         }
+        tags["mlflow.note.content"] = run_description(spec)
         outcome.run_id = client.create_run(experiment_id, tags=tags, run_name=spec.name).info.run_id
         resolved = exp.model_dump(mode="json")
         resolved["seed"] = spec.seed
@@ -733,11 +890,12 @@ class Sweep:
 
     @staticmethod
     def _reused(spec: RunSpec, run) -> RunOutcome:
-        summary = json.loads(run.data.tags.get("summary", "{}"))
+        summary = {k: v for k, v in json.loads(run.data.tags.get("summary", "{}")).items() if v is not None}
         return RunOutcome(
             spec, "PASSED", run.data.metrics.get("time/wall_s", 0.0),
             final_avg_return=summary.get("final_avg_return", float("nan")),
             final_fidelity=summary.get("final_fidelity", float("nan")),
+            baselines={k: summary[k] for k in BASELINE_METRICS if k in summary},
             episodes_done=summary.get("episodes_done", 0),
             grad_circuit_evals=summary.get("grad_circuit_evals"),
             total_circuit_evals=summary.get("total_circuit_evals"),
@@ -763,7 +921,7 @@ class Sweep:
                 self._create_child(client, experiment_id, spec, job.outcome)
             stage = "start the worker"
             args = (spec.exp.model_dump(mode="json"), spec.seed, spec.name, self.tracking_uri, job.outcome.run_id,
-                    action == "resume")
+                    action == "resume", self.system_metrics)
             self.executor.submit(job, args)
             return True
         except Exception as exc:  # noqa: BLE001 - the run ends FAILED with the reason; the sweep goes on
@@ -806,6 +964,7 @@ class Sweep:
                 outcome.episodes_done = result["episodes_done"]
                 outcome.grad_circuit_evals = result["grad_circuit_evals"]
                 outcome.total_circuit_evals = result["total_circuit_evals"]
+                outcome.baselines = {k: result[k] for k in BASELINE_METRICS if result.get(k) is not None}
             else:
                 outcome.status = "FAILED"
                 outcome.error = outcome.error or error or "the worker ended without a result (crashed or killed)"
@@ -814,6 +973,11 @@ class Sweep:
         run_id = outcome.run_id
         if run_id is None:  # never created in the store
             return
+        if job.output_path is not None:
+            if os.path.getsize(job.output_path):
+                self._store(spec.name, client.log_text, run_id, Path(job.output_path).read_text(errors="replace"),
+                            "worker_output.txt")
+            os.unlink(job.output_path)
         if outcome.status == "PASSED":
             self._store(spec.name, client.set_tag, run_id, "summary", json.dumps(job.received["done"]))
         else:
@@ -827,6 +991,7 @@ class Sweep:
         if outcome.error:
             self._store(spec.name, client.set_tag, run_id, "error", outcome.error[:5000])
         self._store(spec.name, log_metrics, client, run_id, {"time/wall_s": outcome.wall_s}, outcome.episodes_done)
+        self._store(spec.name, log_metrics, client, run_id, {"final/wall_s": outcome.wall_s}, 0)
         self._store(spec.name, client.set_tag, run_id, "status", outcome.status)
         self._store(spec.name, client.set_terminated, run_id, MLFLOW_STATUS[outcome.status])
 
@@ -864,7 +1029,8 @@ class Sweep:
         from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
         client = mlflow_client(self.tracking_uri)
-        experiment_id = get_or_create_experiment(client, self.experiment_name)
+        experiment_id = self.experiment_id = get_or_create_experiment(client, self.experiment_name)
+        describe_experiment(client, experiment_id, self.cfg)
         prepare_store(self.tracking_uri)
         stale = self.mark_stale_runs(client, experiment_id)
         if stale:
@@ -940,6 +1106,9 @@ class Sweep:
         rows = summary_rows(outcomes)
         columns = summary_columns({spec.exp.task for spec in self.runs})
         print_summary(rows, columns, total_s)
+        lines = headline(outcomes)
+        for line in lines:
+            print(f"  {line}")
         if not_started:
             print(f"{not_started} run(s) not started because the sweep was interrupted.")
         reused = sum(o.reused for o in outcomes)
@@ -948,6 +1117,9 @@ class Sweep:
         if self.parent_run_id is None:
             return
         parent = self.parent_run_id
+        note = "\n".join([f"**{self.cfg.source}**: {len(outcomes)} run(s) in {total_s:.1f} s.", "",
+                           *[f"- {line}" for line in lines + failure_lines(outcomes)], "", summary_markdown(rows, columns)])
+        self._store("sweep note", client.set_tag, parent, "mlflow.note.content", note)
         counts = {s: sum(o.status == s for o in outcomes) for s in STATUSES}
         sweep_metrics = {"sweep/wall_s": total_s, "sweep/n_not_started": not_started, "sweep/n_reused": reused,
                          **{f"sweep/n_{k.lower()}": v for k, v in counts.items()}}
@@ -967,6 +1139,37 @@ class Sweep:
             self._store("sweep", client.set_tag, parent, "error", "; ".join(self.store_errors)[:5000])
         self._store("sweep", client.set_tag, parent, "status", sweep_status)
         self._store("sweep", client.set_terminated, parent, MLFLOW_STATUS[sweep_status])
+        self._print_where(outcomes)
+
+    def _print_where(self, outcomes: list[RunOutcome]) -> None:
+        """Where the results are, how to open them, and where each failure's traceback is."""
+        uri, exp_id = self.tracking_uri, self.experiment_id
+        print(f"Results: experiment {self.experiment_name!r} (id {exp_id}) in {uri}, sweep run {self.parent_run_id}")
+        page = f"#/experiments/{exp_id}/runs/{self.parent_run_id}?workflowType=machine_learning"  # not the GenAI pages
+        if uri.startswith(("http://", "https://")):
+            print(f"Open: {uri.rstrip('/')}/{page}")
+        else:
+            print(f"Open: mlflow ui --backend-store-uri {uri}   then http://127.0.0.1:5000/{page}")
+        for o in outcomes:
+            if o.status in ("FAILED", "TIMED_OUT") and o.run_id is not None:
+                where = ("traceback: mlflow artifacts download -r " + o.run_id + " -a traceback.txt"
+                         if o.status == "FAILED" else "cut at its time limit")
+                print(f"  {o.spec.name} {o.status}: {o.error} ({where})")
+
+
+def describe_experiment(client, experiment_id: str, cfg: SweepConfig) -> None:
+    """Make the MLflow UI open the experiment on its runs (MLflow 3 shows "GenAI" pages unless the
+    experiment says it is model training) and give it a description, unless it has one."""
+    tags = client.get_experiment(experiment_id).tags
+    if "mlflow.experimentKind" not in tags:
+        client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+    if "mlflow.note.content" not in tags:
+        tasks = sorted({TASK_TITLES[e.task] for e in cfg.experiments})
+        client.set_experiment_tag(experiment_id, "mlflow.note.content", (
+            f"Quantum-circuit simulator stacks compared on {', '.join(tasks)}: one parent run per sweep (its "
+            "description holds the summary table), one child run per experiment x seed. Useful columns: tags "
+            "backend, gradient, algorithm, status; metrics final/return or final/fidelity, final/wall_s, "
+            "final/circuit_evals."))
 
 
 @contextlib.contextmanager

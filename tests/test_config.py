@@ -116,7 +116,7 @@ def test_non_utf8_and_missing_file(tmp_path):
 
 
 def test_only_and_set_errors(tmp_path):
-    assert "no such experiment; allowed: a, b" in errors(tmp_path, GOOD, only=["zz"])[0]
+    assert "no such experiment or run; allowed: a, b" in errors(tmp_path, GOOD, only=["zz"])[0]
     assert "dotted.key=value" in errors(tmp_path, GOOD, overrides=["training.episodes"])[0]
     assert "'training.episodes'" in errors(tmp_path, GOOD, overrides=["training.episodes=-1"])[0]
 

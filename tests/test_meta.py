@@ -204,7 +204,7 @@ def test_qubit_meta_runs_pass_on_every_backend(tmp_path):
     }
     proc = run_py(tmp_path, config)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "final_fidelity" in proc.stdout and "final_avg_return" not in proc.stdout
+    assert "heldout_fidelity" in proc.stdout and "gap_to_robust" in proc.stdout and "final_avg_return" not in proc.stdout
     client, runs = runs_by_name(tmp_path)
     for name in ("classical_maml", "pl_maml", "tc_fomaml", "pl_spsa_reptile", "pl_adjoint_fomaml", "tc_shift_reptile",
                  "classical_fd_fomaml"):
