@@ -192,6 +192,8 @@ def _load_checkpoint(client, run_id: str) -> tuple[dict, int]:
 #: run's own final metrics; ``final/wall_s`` is added by the sweep when the run ends.
 HEADLINE_METRICS = {"final/return": "final/avg_return_10", "final/fidelity": "final/fidelity_post",
                     "final/circuit_evals": "final/total_circuit_evals"}
+#: Seconds between samples of ``--system-metrics``.
+SYSTEM_METRICS_S = 2.0
 #: What the summary table and the parent's note show of a qubit run besides its fidelity.
 BASELINE_METRICS = {"fidelity_robust": "final/fidelity_robust", "fidelity_optimum": "final/fidelity_optimum",
                     "gap_to_robust": "final/gap_to_robust"}
@@ -248,10 +250,11 @@ def _run_worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run
         for key, value in (tags or {}).items():
             client.set_tag(run_id, key, value)
         exp = ExperimentConfig.model_validate(exp_data)
-        if system_metrics:  # CPU, memory, disk, network every 10 s as system/* metrics
+        if system_metrics:  # CPU, memory, disk, network every SYSTEM_METRICS_S as system/* metrics
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            monitor = SystemMetricsMonitor(run_id, resume_logging=resume, tracking_uri=tracking_uri)
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_S, resume_logging=resume,
+                                           tracking_uri=tracking_uri)
             monitor.start()
         state, logged_through = _load_checkpoint(client, run_id) if resume else (None, -1)
         reporter = _WorkerReporter(client, run_id, run_name, events, logged_through)

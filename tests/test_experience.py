@@ -174,3 +174,17 @@ def test_headline_names_cheapest_and_best_per_backend_and_every_failure():
     assert failure_lines(outcomes) == ["d-seed0 FAILED: boom"]
     assert headline(outcomes) == ["tensorcircuit: cheapest b-seed0 (0.5 s per step, 200 circuits per step); best a-seed0 (mean return 100)",
                      "classical: cheapest c-seed0 (0.1 s per step); best c-seed0 (mean return 200)"]
+
+
+def test_system_metrics_behind_a_flag(tmp_path):
+    long = {"name": "mlp", "backend": "classical", "gradient": "backprop", "algorithm": "reinforce",
+            "training": {"episodes": 60, "episodes_per_batch": 5}}
+    proc = run_py(tmp_path, [long], "--system-metrics")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("ux").experiment_id])}
+    metrics = runs["mlp-seed0"].data.metrics
+    assert metrics["system/cpu_utilization_percentage"] >= 0 and metrics["system/system_memory_usage_megabytes"] > 0
+    proc = run_py(tmp_path, [{**long, "name": "plain"}])
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("ux").experiment_id])}
+    assert not any(k.startswith("system/") for k in runs["plain-seed0"].data.metrics)
