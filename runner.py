@@ -70,6 +70,7 @@ PRELOAD = [
     "mlflow",
     "mlflow.store.tracking.sqlalchemy_store",  # 0.7 s of imports on a worker's first MLflow call otherwise
     "mlflow.store.tracking.rest_store",
+    "mlflow.pytorch",  # several seconds of imports on a worker's first log_model otherwise
     "pennylane",
     "tensorcircuit",
     "matplotlib.pyplot",
@@ -232,6 +233,29 @@ def _capture_output(path: str | None) -> None:
     os.close(fd)
 
 
+def _log_policy_model(tracking_uri: str, run_id: str, model) -> None:
+    """The trained policy as an MLflow model named ``policy`` (the run's Models column), with a
+    signature and an input example: ``mlflow.pytorch.load_model(f"runs:/{run_id}/policy")`` gives
+    it back, circuit included, in any process that can import this project. Pickled, not
+    ``torch.export``-ed: that fixes the batch size and cannot trace the jitted circuits."""
+    import gymnasium as gym
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    from train import ENV_ID
+
+    example = np.zeros((1, *gym.spec(ENV_ID).make().observation_space.shape))
+    with torch.no_grad():
+        output = model(torch.as_tensor(example)).cpu().numpy()
+    requirements = [f"{name}=={version}" for name, version in library_versions().items() if version != "not installed"]
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+        mlflow.pytorch.log_model(model, name="policy", signature=infer_signature(example, output), input_example=example,
+                                 pip_requirements=requirements, serialization_format="pickle")
+
+
 def _run_worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_id: str, resume: bool, events,
                 tags: dict[str, str] | None = None, system_metrics: bool = False) -> bool:
     """Train one run, logging to its MLflow run; ``events`` (anything with ``send``) carries
@@ -267,6 +291,8 @@ def _run_worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run
             weights = Path(tmp) / "weights.pt"
             torch.save(result.state_dict(), weights)
             client.log_artifact(run_id, str(weights), "model")
+        if isinstance(getattr(result, "model", None), torch.nn.Module):
+            _log_policy_model(tracking_uri, run_id, result.model)
         for artifact, fig in result.figures(run_name).items():
             _log_figure(client, run_id, fig, artifact)
         summary = {**result.summary(), **{k: final[m] for k, m in BASELINE_METRICS.items() if m in final}}

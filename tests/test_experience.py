@@ -55,6 +55,23 @@ def test_a_sweep_in_mlflow_reads_as_model_training_with_notes_sources_and_short_
         assert ("final/circuit_evals" in metrics) == (tags["backend"] != "classical")
         if tags["backend"] != "classical":
             assert metrics["final/circuit_evals"] == metrics["final/total_circuit_evals"] > 0
+    # The trained policies are MLflow models that load back and reproduce the saved weights' outputs.
+    import mlflow
+    import torch
+    from conftest import experiment
+
+    from models import build_model
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    obs = torch.linspace(-1, 1, 12, dtype=torch.float64).reshape(3, 4)
+    for name, backend in (("mlp-seed0", "classical"), ("tc-seed0", "tensorcircuit")):
+        loaded = mlflow.pytorch.load_model(f"runs:/{runs[name].info.run_id}/policy")
+        weights = torch.load(client.download_artifacts(runs[name].info.run_id, "model/weights.pt", str(tmp_path)),
+                             weights_only=True)
+        rebuilt = build_model(experiment(**{**TINY, "backend": backend, "gradient": "backprop"}), 4, 2, 0)
+        rebuilt.load_state_dict(weights)
+        assert torch.allclose(loaded(obs), rebuilt(obs), atol=1e-12, rtol=0), name
+    assert {m.name for m in mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")} == {"policy"}
     # Worker output never reaches the terminal: it is the run's artifact.
     assert "optax" not in proc.stdout + proc.stderr
     for name in ("tc-seed0", "tc_spsa-seed0"):
