@@ -155,6 +155,10 @@ def needs_grad(tensor: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and tensor.requires_grad
 
 
+def _construct(cls, args: tuple, kwargs: dict):
+    return cls(*args, **kwargs)
+
+
 class CircuitBackend:
     """Base class: counts executed circuits; subclasses implement ``_evaluate``."""
 
@@ -162,9 +166,21 @@ class CircuitBackend:
     #: True when ``torch.autograd`` can differentiate through ``__call__`` directly.
     differentiable = True
 
+    def __new__(cls, *args, **kwargs):
+        backend = super().__new__(cls)
+        backend._constructor_args = (args, kwargs)
+        return backend
+
     def __init__(self, spec: CircuitSpec):
         self.spec = spec
         self.circuit_evals = 0
+
+    def __reduce__(self):
+        """Pickled as its constructor call (``mlflow.pytorch.log_model`` pickles whole policies):
+        simulator devices, QNodes and compiled functions are built anew where it is unpickled,
+        never serialised. Counters start at zero there."""
+        args, kwargs = self._constructor_args
+        return _construct, (type(self), args, kwargs)
 
     #: Wall seconds of the calls that compiled (None for backends that do not compile).
     compile_s: float | None = None

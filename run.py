@@ -51,7 +51,7 @@ def connect_ray(address: str | None, tracking_uri: str):
         import ray  # noqa: F401
     except ImportError:
         return None, "--executor ray needs the ray package (pip install ray)"
-    from runner import RayExecutor
+    from sweep.executors import RayExecutor
     from utils import is_local_node
 
     try:
@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         return _main(args)
+    except BrokenPipeError:  # `run.py --list | head`: the reader has gone; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt as exc:  # before the sweep started, or after it ended
         signum = getattr(exc, "signum", signal.SIGINT)
         print(f"error: interrupted ({signal.Signals(signum).name}) before the sweep started; nothing is running", file=sys.stderr)
@@ -118,7 +121,7 @@ def _main(args: argparse.Namespace) -> int:
             print(f"error: ... and {len(exc.lines) - MAX_ERROR_LINES} more problems", file=sys.stderr)
         return 2
 
-    from runner import expand
+    from sweep.plan import expand
     from utils import check_tracking_uri, resolve_tracking_uri
 
     runs = expand(cfg)
@@ -154,15 +157,16 @@ def _main(args: argparse.Namespace) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
 
-    from runner import Sweep
+    from sweep.core import Sweep
 
     jobs = args.jobs or (executor.total_cpus() if executor is not None else 1)
     sweep = Sweep(cfg, tracking_uri, experiment_name, jobs=jobs, resume=args.resume, executor=executor,
                   system_metrics=args.system_metrics)
     try:
         outcomes = sweep.run()
-    except Exception as exc:  # noqa: BLE001 - the store failed before any run could start: one line, not a traceback
-        print(f"error: tracking store {tracking_uri}: {type(exc).__name__}: {' '.join(str(exc).split())[:400]}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - e.g. the store failed before any run could start: one line, not a traceback
+        print(f"error: the sweep stopped ({tracking_uri}): {type(exc).__name__}: {' '.join(str(exc).split())[:400]}",
+              file=sys.stderr)
         return 1
     if sweep.store_errors:
         first = sweep.store_errors[0]

@@ -1,10 +1,10 @@
 """The forkserver's first import: tie its life to the sweep's before the slow imports start.
 
-``runner`` starts a ``forkserver`` that preloads torch, PennyLane, TensorCircuit and MLflow
+The local executor (:mod:`sweep.executors`) starts a ``forkserver`` that preloads torch, PennyLane, TensorCircuit and MLflow
 (seconds) and forks every worker. Its own exit test (end of file on its "alive" pipe) does not
 fire while a worker lives, because each worker inherits the pipe's write end; so the forkserver
 asks the kernel to kill it when the sweep dies (``PR_SET_PDEATHSIG``), and each worker does the
-same with the forkserver as its parent (``runner._die_with_parent``). A sweep killed even with
+same with the forkserver as its parent (:func:`sweep.worker.local_worker`). A sweep killed even with
 SIGKILL then leaves no process behind and nothing is logged after its death.
 
 This module imports nothing heavy, so the guard is in place within milliseconds of the

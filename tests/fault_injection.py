@@ -1,6 +1,6 @@
-"""Test-only fault injection for sweeps, loaded into workers as a plugin (``runner.WORKER_PLUGINS``).
+"""Test-only fault injection for sweeps, loaded into workers as a plugin (``sweep.executors.WORKER_PLUGINS``).
 
-Importing this module patches the worker side of the runner. ``$QMLBENCH_INJECT_FAULT`` lists
+Importing this module patches the worker side of a sweep (sweep.worker). ``$QMLBENCH_INJECT_FAULT`` lists
 ``RUN_NAME:KIND`` items (comma-separated); in the worker of RUN_NAME, after it reported its
 first episode:
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import os
 
-import runner
 import train
+from sweep import worker
 
 FAULT_ENV = "QMLBENCH_INJECT_FAULT"
 
@@ -40,7 +40,7 @@ def _hang(episode: int) -> None:
 
 
 def install() -> None:
-    reporter = runner._WorkerReporter
+    reporter = worker.WorkerReporter
     original_init, original_progress = reporter.__init__, reporter.progress
 
     def __init__(self, client, run_id, run_name, events, logged_through_step=-1):

@@ -11,8 +11,8 @@ sys.path[:0] = [str(TESTS.parent), str(TESTS)]
 os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS.parent), str(TESTS), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
 
 import run  # noqa: E402
-import runner  # noqa: E402
+from sweep import executors  # noqa: E402
 
 if __name__ == "__main__":  # workers import this file as __mp_main__: they must not run a sweep
-    runner.WORKER_PLUGINS.append("fault_injection")
+    executors.WORKER_PLUGINS.append("fault_injection")
     sys.exit(run.main())

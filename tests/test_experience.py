@@ -30,7 +30,8 @@ def run_py(tmp_path, experiments, *args, defaults=TINY):
 def test_a_sweep_in_mlflow_reads_as_model_training_with_notes_sources_and_short_headline_metrics(tmp_path):
     proc = run_py(tmp_path, [{"name": "mlp", "backend": "classical", "gradient": "backprop"},
                              {"name": "tc", "backend": "tensorcircuit", "gradient": "backprop"},
-                             {"name": "tc_spsa", "backend": "tensorcircuit", "gradient": "spsa"}])
+                             {"name": "tc_spsa", "backend": "tensorcircuit", "gradient": "spsa"},
+                             {"name": "pl_adjoint", "backend": "pennylane", "gradient": "adjoint"}])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name("ux")
@@ -40,7 +41,7 @@ def test_a_sweep_in_mlflow_reads_as_model_training_with_notes_sources_and_short_
     parent = next(r for r in runs.values() if r.data.tags.get("kind") == "sweep")
     note = parent.data.tags["mlflow.note.content"]
     assert "| run |" in note and "tensorcircuit: cheapest" in note and "classical: cheapest mlp-seed0" in note
-    for name in ("mlp-seed0", "tc-seed0", "tc_spsa-seed0"):
+    for name in ("mlp-seed0", "tc-seed0", "tc_spsa-seed0", "pl_adjoint-seed0"):
         run = runs[name]
         tags, metrics = run.data.tags, run.data.metrics
         assert tags["mlflow.source.name"].endswith("run.py") and tags["mlflow.source.type"] == "LOCAL"
@@ -64,11 +65,12 @@ def test_a_sweep_in_mlflow_reads_as_model_training_with_notes_sources_and_short_
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     obs = torch.linspace(-1, 1, 12, dtype=torch.float64).reshape(3, 4)
-    for name, backend in (("mlp-seed0", "classical"), ("tc-seed0", "tensorcircuit")):
+    for name, backend, gradient in (("mlp-seed0", "classical", "backprop"), ("tc-seed0", "tensorcircuit", "backprop"),
+                                    ("pl_adjoint-seed0", "pennylane", "adjoint")):
         loaded = mlflow.pytorch.load_model(f"runs:/{runs[name].info.run_id}/policy")
         weights = torch.load(client.download_artifacts(runs[name].info.run_id, "model/weights.pt", str(tmp_path)),
                              weights_only=True)
-        rebuilt = build_model(experiment(**{**TINY, "backend": backend, "gradient": "backprop"}), 4, 2, 0)
+        rebuilt = build_model(experiment(**{**TINY, "backend": backend, "gradient": gradient}), 4, 2, 0)
         rebuilt.load_state_dict(weights)
         assert torch.allclose(loaded(obs), rebuilt(obs), atol=1e-12, rtol=0), name
     assert {m.name for m in mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")} == {"policy"}
@@ -105,7 +107,8 @@ def test_the_comparison_figure_has_cost_panels_and_markers():
 
     from conftest import experiment
 
-    from runner import RunOutcome, RunSpec, comparison_figure
+    from sweep.plan import RunOutcome, RunSpec
+    from sweep.report import comparison_figure
 
     class Client:
         def get_metric_history(self, run_id, key):
@@ -179,7 +182,8 @@ def test_dry_run_shows_only_what_applies(fields, absent, present):
 def test_headline_names_cheapest_and_best_per_backend_and_every_failure():
     from conftest import experiment
 
-    from runner import RunOutcome, RunSpec, failure_lines, headline
+    from sweep.plan import RunOutcome, RunSpec
+    from sweep.report import failure_lines, headline
 
     def outcome(name, backend, status, wall, ret, evals=None, error=None):
         return RunOutcome(RunSpec(experiment(name=name, backend=backend, gradient="backprop" if backend != "tensorcircuit"

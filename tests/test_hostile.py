@@ -298,7 +298,7 @@ def test_an_unreadable_heartbeat_is_unknown_never_dead():
     its live runs marked KILLED; a readable, stale heartbeat does."""
     from types import SimpleNamespace
 
-    from runner import Sweep
+    from sweep.core import Sweep
 
     run = SimpleNamespace(info=SimpleNamespace(run_id="child", run_name="r-seed0"),
                           data=SimpleNamespace(tags={"mlflow.parentRunId": "parent", "sweep.owner": "elsewhere|boot|42|7"}))
