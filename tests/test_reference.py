@@ -76,6 +76,7 @@ def test_reference_gradient_equals_its_central_differences(reference):
 @pytest.mark.parametrize("backend,extra", [
     ("tensorcircuit", {}),
     ("pennylane", {}),
+    ("pennylane", {"pennylane": {"interface": "torch"}}),
     ("tensorcircuit", {"tensorcircuit": {"math_backend": "pytorch"}}),
 ])
 def test_backends_equal_the_reference_on_the_published_policy(reference, backend, extra):
