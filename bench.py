@@ -659,6 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--only", nargs="+", metavar="BACKEND/METHOD", help="measure these pairs only (default: all)")
     parser.add_argument("--out", default="bench_results", help="folder for bench.md, the CSV files and bench.png")
+    parser.add_argument("--qubits", nargs="+", type=int, metavar="N", help="qubit counts of the scaling section (default 2 4 ... 12)")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
                         help="device of the models (cuda: torch and jax on the GPU where installed; simulators that cannot go "
                              "there fall back to the CPU as in training)")
@@ -693,7 +694,10 @@ def main(argv: list[str] | None = None) -> int:
     # Compile times are measured into an empty persistent cache, not loaded from an earlier run's.
     with tempfile.TemporaryDirectory(prefix="qmlbench-bench-jax-") as cache:
         os.environ["QMLBENCH_JAX_CACHE"] = cache
-        results, total_s = run_sections(args.sections, Sizes(args.quick, pairs, args.device))
+        sizes = Sizes(args.quick, pairs, args.device)
+        if args.qubits:
+            sizes.qubits = tuple(args.qubits)
+        results, total_s = run_sections(args.sections, sizes)
     machine = machine_description(args.device)
     text = markdown(results, machine) + f"\nTotal benchmark time: {total_s:.0f} s.\n"
     print()
