@@ -41,7 +41,7 @@ class GradientEstimate:
 #: Shifted parameter points are generated and evaluated in chunks of at most this many entries
 #: (points x parameters), so memory grows as O(chunk x P), not P x P: a 67k-parameter MLP with
 #: central differences would otherwise build two 67k x 67k shift matrices (36.5 GB). 2^22 float64
-#: entries are 32 MB; every model here up to 44k parameters still takes one call.
+#: entries are 32 MB; models of up to 2,048 parameters (every circuit here) still take one call.
 POINT_ENTRIES_PER_CALL = 1 << 22
 
 
