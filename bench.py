@@ -19,7 +19,7 @@ Sections (all on the published REINFORCE policy of configs/cartpole_reinforce.ya
   and TensorCircuit backprop), episode 100 against episode 500.
 - ``estimators``: central finite differences on classical DQN MLPs of growing width (up to the
   67k parameters of ``hidden_sizes: [256, 256]``): parameters against time and peak RSS of a
-  fresh process, with the P x P shift matrix one unchunked call would have needed.
+  fresh process, with the size of the P x P shift matrix one unchunked call would have built.
 
 The row ``reference / hand-written`` is the limit: the same policy as a hand-written batched jax
 state vector (tools/reference_statevector.py), numpy in and numpy out, in the forward, gradient and
@@ -414,9 +414,9 @@ def bench_estimators(sizes: Sizes, log: Callable[[str], None]) -> list[dict]:
         p = probe["n_params"]
         rows.append({"backend": "classical", "method": "finite-diff", "hidden": f"[{width}, {width}]", "n_params": p,
                      "batch": sizes.estimator_batch, "n_points": probe["n_points"], "seconds": probe["seconds"],
-                     "peak_rss_mb": probe["peak_rss_mb"], "unchunked_shift_gb": 2 * p * p * 8 / 1e9})
+                     "peak_rss_mb": probe["peak_rss_mb"], "unchunked_shift_gb": p * p * 8 / 1e9})
         log(f"estimate classical finite-diff {p:6d} parameters: {probe['seconds']:7.2f} s, peak RSS {probe['peak_rss_mb']:.0f} MB "
-            f"(one unchunked call: {rows[-1]['unchunked_shift_gb']:.1f} GB of shifts)")
+            f"(one unchunked call: a {rows[-1]['unchunked_shift_gb']:.1f} GB P x P shift matrix)")
     return rows
 
 
@@ -495,7 +495,7 @@ def markdown(results: dict[str, list[dict]], machine: dict[str, str]) -> str:
                           f"{r[late_key]:.0f}", f"{r['growth_pct']:+.1f} %"] for r in rows])
     if results.get("estimators"):
         out += md_table(f"Central finite differences on classical DQN MLPs, batch {results['estimators'][0]['batch']}, one fresh process each",
-                        ["hidden", "parameters", "points", "s", "peak RSS MB", "one unchunked call: shift matrices GB"],
+                        ["hidden", "parameters", "points", "s", "peak RSS MB", "one unchunked call: P x P shift matrix GB"],
                         [[r["hidden"], str(r["n_params"]), str(r["n_points"]), fmt(r["seconds"]), f"{r['peak_rss_mb']:.0f}",
                           fmt(r["unchunked_shift_gb"], 3)] for r in results["estimators"]],
                         note="Shifted points are generated and evaluated in chunks of at most 2^22 entries (gradients.py).")
