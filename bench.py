@@ -1,7 +1,7 @@
 """Where each backend and gradient method stands, measured side by side in one process.
 
-    python bench.py                    # every section (about 6 minutes on the 2-core machine)
-    python bench.py --quick            # small sizes: a check that everything runs (about 1 minute)
+    python bench.py                    # every section (6 minutes on the 2-core machine before issue 17; more now)
+    python bench.py --quick            # small sizes: a check that everything runs (about 3 minutes)
     python bench.py --sections forward gradient
 
 Sections (all on the published REINFORCE policy of configs/cartpole_reinforce.yaml: 4 qubits,
