@@ -91,8 +91,8 @@ def time_tfq(angles: np.ndarray, weights: np.ndarray) -> dict[str, float]:
     def run(n: int, grad: bool):
         circuits = tfq.convert_to_tensor([circuit] * n)
         operators = tfq.convert_to_tensor([[observable]] * n)
-        values = tf.constant(angles[:n])
-        w = tf.constant(weights[:n, None])
+        values = tf.constant(angles[:n], dtype=tf.float32)  # TFQ's symbol values are float32
+        w = tf.constant(weights[:n, None], dtype=tf.float32)
         if not grad:
             return layer(circuits, symbol_names=names, symbol_values=values, operators=operators)
         with tf.GradientTape() as tape:
@@ -124,7 +124,7 @@ def time_qiskit(angles: np.ndarray, weights: np.ndarray, gradient_rows: int) -> 
     empty = np.zeros(0)
 
     def gradient():
-        _, grad_inputs = qnn.backward(angles[:gradient_rows], empty)
+        grad_inputs, _ = qnn.backward(angles[:gradient_rows], empty)  # (rows, 1, 92), no weights
         return (weights[:gradient_rows, None, None] * grad_inputs).sum(1)
 
     return {"forward_10_s": median_s(lambda: qnn.forward(angles[:10], empty)),
