@@ -235,3 +235,21 @@ def test_parameter_shift_matches_pennylane_native_parameter_shift_on_one_sample(
     ours = model.circuit(b)[:, 0]
     (our_grad,) = torch.autograd.grad(ours.sum(), b)
     assert torch.allclose(our_grad[0], native_grad, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend,extra", [("pennylane", {}), ("pennylane", {"pennylane": {"interface": "torch"}}),
+                                           ("tensorcircuit", {})])
+@pytest.mark.parametrize("gradient", ["backprop", "parameter-shift", "spsa", "finite-diff"])
+def test_circuits_per_gradient_step_are_exact(backend, extra, gradient):
+    """One update on N observations executes N circuits (backprop), N + 2GN (parameter shift: the
+    forward pass, then every gate angle shifted both ways), (2m + 1)N (SPSA) or (2P + 1)N (central
+    differences), on PennyLane's jax and torch paths alike; padding is never counted."""
+    from train import GradientStep
+
+    model, obs, loss_fn = _policy_loss_setup(backend, gradient, **extra)
+    exp = experiment(backend=backend, gradient=gradient, algorithm="reinforce", model={"n_qubits": 3, "n_layers": 2}, **extra)
+    stats = GradientStep(model, exp, seed=0)(obs, loss_fn, "test")
+    n, g, p = obs.shape[0], model.spec.n_gate_angles, model.flat_parameters().numel()
+    expected = {"backprop": n, "parameter-shift": n + 2 * g * n, "spsa": (2 * exp.spsa.n_directions + 1) * n,
+                "finite-diff": (2 * p + 1) * n}[gradient]
+    assert stats["circuit_evals"] == expected
