@@ -1,7 +1,7 @@
 """Where each backend and gradient method stands, measured side by side in one process.
 
-    python bench.py                    # every section (about 6 minutes on the 2-core machine)
-    python bench.py --quick            # small sizes: a check that everything runs (about 1 minute)
+    python bench.py                    # every section (6 minutes on the 2-core machine before issue 17; more now)
+    python bench.py --quick            # small sizes: a check that everything runs (about 3 minutes)
     python bench.py --sections forward gradient
 
 Sections (all on the published REINFORCE policy of configs/cartpole_reinforce.yaml: 4 qubits,
@@ -17,9 +17,18 @@ Sections (all on the published REINFORCE policy of configs/cartpole_reinforce.ya
   the compile time), per backend x method.
 - ``memory``: peak RSS of a fresh process during a 500-episode reference REINFORCE run (classical
   and TensorCircuit backprop), episode 100 against episode 500.
+- ``estimators``: central finite differences on classical DQN MLPs of growing width (up to the
+  67k parameters of ``hidden_sizes: [256, 256]``): parameters against time and peak RSS of a
+  fresh process, with the size of the P x P shift matrix one unchunked call would have built.
 
-Times are medians over repeated calls after one warm-up call; ratios are to the classical
-baseline measured in the same process. Results go to ``--out`` (bench.md, one CSV per section,
+The row ``reference / hand-written`` is the limit: the same policy as a hand-written batched jax
+state vector (tools/reference_statevector.py), numpy in and numpy out, in the forward, gradient and
+scaling tables; ``x limit`` is each row's time over the limit's, measured in the same process.
+``pennylane`` is PennyLane on its fast path (jax interface under ``jax.jit``);
+``pennylane-torch`` is the torch interface with parameter broadcasting, for comparison.
+
+Times are medians over repeated calls after one warm-up call; ``x classical`` ratios are to the
+classical baseline measured in the same process. Results go to ``--out`` (bench.md, one CSV per section,
 bench.png) and to one run of the MLflow experiment ``benchmarks``.
 """
 
@@ -45,13 +54,21 @@ import yaml  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 REFERENCE_CONFIG = ROOT / "configs" / "cartpole_reinforce.yaml"
-SECTIONS = ("forward", "gradient", "scaling", "throughput", "memory")
+SECTIONS = ("forward", "gradient", "scaling", "throughput", "memory", "estimators")
+REFERENCE = ("reference", "hand-written")
+#: Backends of the benchmark that are a configured variant of a project backend.
+VARIANTS = {"pennylane-torch": ("pennylane", {"pennylane": {"interface": "torch"}})}
+VARIANT_METHODS = {"pennylane-torch": ("backprop", "spsa")}
 EXPERIMENT_NAME = "benchmarks"
 
 
 class Sizes:
-    def __init__(self, quick: bool, pairs: list[tuple[str, str]]):
+    def __init__(self, quick: bool, pairs: list[tuple[str, str]], device: str = "cpu"):
         self.pairs = pairs
+        self.device = device
+        self.estimator_widths = (16, 64) if quick else (16, 64, 128, 256)
+        self.estimator_batch = 4 if quick else 8
+        self.reference_scan = quick  # the unrolled limit compiles for longer; --quick only checks that everything runs
         self.forward_batches = (1, 10, 100) if quick else (1, 10, 100, 1000)
         self.gradient_batch = 100 if quick else 1000
         self.qubits = (2, 4) if quick else (2, 4, 6, 8, 10, 12)
@@ -90,19 +107,56 @@ def no_grad_forward(model, obs) -> None:
         model(obs)
 
 
-def reference_experiment(backend: str, gradient: str, **fields):
-    """The published REINFORCE configuration on ``backend`` with ``gradient``."""
+def reference_experiment(backend: str, gradient: str, device: str = "cpu", **fields):
+    """The published REINFORCE configuration on ``backend`` (or a :data:`VARIANTS` name) with ``gradient``."""
     from config_schema import load_config
 
     raw = yaml.safe_load(REFERENCE_CONFIG.read_text())
-    raw["experiments"] = [{"name": f"{backend}_{gradient}", "backend": backend, "gradient": gradient, **fields}]
+    project_backend, extra = VARIANTS.get(backend, (backend, {}))
+    raw["experiments"] = [{"name": f"{backend}_{gradient}", "backend": project_backend, "gradient": gradient,
+                           "device": device, **extra, **fields}]
     return load_config(raw=raw).experiments[0]
 
 
 def all_pairs() -> list[tuple[str, str]]:
     from config_schema import BACKENDS, SUPPORTED_GRADIENTS
 
-    return [(b, g) for b in BACKENDS for g in SUPPORTED_GRADIENTS[b]]
+    pairs = [(b, g) for b in BACKENDS for g in SUPPORTED_GRADIENTS[b]]
+    return pairs + [(v, g) for v, methods in VARIANT_METHODS.items() for g in methods]
+
+
+def placed_model(exp, seed: int = 0):
+    """The experiment's model on the device it trains on (train.py's choice, CPU fallbacks included)."""
+    from models import build_model
+    from utils import select_device, simulation_device
+
+    model = build_model(exp, 4, 2, seed=seed)
+    device, _ = simulation_device(exp.backend, select_device(exp.device), exp.tensorcircuit.math_backend)
+    return model.to(device), device
+
+
+def reference_policy(n_qubits: int = 4, n_layers: int = 5, scan: bool = False):
+    """The hand-written limit for the reference REINFORCE policy (seed 0 weights) and its parameters.
+
+    ``scan=False`` (the limit): the layers unrolled, 4.4 against 6.8-10 ms per 1000-row gradient
+    here, but a longer first compile."""
+    from tools.reference_statevector import ReferencePolicy, layout_of, params_of
+
+    exp = reference_experiment("tensorcircuit", "backprop", model={"n_qubits": n_qubits, "n_layers": n_layers, "observables": "auto"})
+    from models import build_model
+
+    model = build_model(exp, 4, 2, seed=0)
+    return ReferencePolicy(layout_of(model), scan=scan), params_of(model)
+
+
+def compiles_during(fn: Callable[[], object]) -> tuple[float, int]:
+    """(wall s, XLA compilations) of one call of ``fn``."""
+    from models import JaxCompileMonitor
+
+    JaxCompileMonitor.install()
+    before, start = JaxCompileMonitor.compiles, time.perf_counter()
+    fn()
+    return time.perf_counter() - start, JaxCompileMonitor.compiles - before
 
 
 def recorded_batch(n_transitions: int, seed: int = 0):
@@ -142,42 +196,49 @@ def recorded_batch(n_transitions: int, seed: int = 0):
 def bench_forward(sizes: Sizes, log: Callable[[str], None]) -> list[dict]:
     import torch
 
-    from models import build_model
-
     obs_np, _, _, _ = recorded_batch(max(sizes.forward_batches))
-    obs = torch.as_tensor(obs_np, dtype=torch.float64)
     rows = []
+    policy, params = reference_policy(scan=sizes.reference_scan)
+    for batch in sizes.forward_batches:
+        first, median, _ = median_time(partial(policy.forward, params, obs_np[:batch]), sizes.budget_s)
+        rows.append({"backend": REFERENCE[0], "method": REFERENCE[1], "batch": batch, "first_s": first, "median_ms": 1e3 * median})
+        log(f"forward  {'reference':13s} {'hand-written':15s} batch {batch:5d}: {1e3 * median:9.3f} ms (first call {first:.2f} s)")
     for backend, gradient in sizes.pairs:
-        model = build_model(reference_experiment(backend, gradient), 4, 2, seed=0)
+        model, device = placed_model(reference_experiment(backend, gradient, sizes.device))
+        obs = torch.as_tensor(obs_np, dtype=torch.float64, device=device)
         for batch in sizes.forward_batches:
             first, median, _ = median_time(partial(no_grad_forward, model, obs[:batch]), sizes.budget_s)
             rows.append({"backend": backend, "method": gradient, "batch": batch, "first_s": first, "median_ms": 1e3 * median})
             log(f"forward  {backend:13s} {gradient:15s} batch {batch:5d}: {1e3 * median:9.3f} ms (first call {first:.2f} s)")
-    return with_ratios(rows, key=("batch",), value="median_ms")
+    return with_limit(with_ratios(rows, key=("batch",), value="median_ms"), key=("batch",), value="median_ms")
 
 
 def bench_gradient(sizes: Sizes, log: Callable[[str], None]) -> list[dict]:
     import torch
 
-    from models import build_model
     from train import GradientStep, reinforce_loss
 
     obs_np, actions, returns, episodes = recorded_batch(sizes.gradient_batch)
-    obs = torch.as_tensor(obs_np, dtype=torch.float64)
-    loss_fn = reinforce_loss(torch.as_tensor(actions), torch.as_tensor(returns), episodes)
     rows = []
+    policy, params = reference_policy(scan=sizes.reference_scan)
+    first, median, _ = median_time(partial(policy.loss_and_grad, params, obs_np, actions, returns, episodes), sizes.budget_s)
+    rows.append({"backend": REFERENCE[0], "method": REFERENCE[1], "batch": sizes.gradient_batch, "first_s": first,
+                 "median_s": median, "circuit_evals": sizes.gradient_batch, "n_compiles": None})
+    log(f"gradient {'reference':13s} {'hand-written':15s} batch {sizes.gradient_batch}: {median:8.4f} s (first call {first:.2f} s)")
     for backend, gradient in sizes.pairs:
-        exp = reference_experiment(backend, gradient)
-        model = build_model(exp, 4, 2, seed=0)
+        exp = reference_experiment(backend, gradient, sizes.device)
+        model, device = placed_model(exp)
+        obs = torch.as_tensor(obs_np, dtype=torch.float64, device=device)
+        loss_fn = reinforce_loss(torch.as_tensor(actions, device=device), torch.as_tensor(returns, device=device), episodes)
         first, median, stats = median_time(partial(GradientStep(model, exp, seed=0), obs, loss_fn, "bench"), sizes.budget_s)
         circuit_evals = stats["circuit_evals"] if backend != "classical" else None
         rows.append({
             "backend": backend, "method": gradient, "batch": sizes.gradient_batch, "first_s": first,
             "median_s": median, "circuit_evals": circuit_evals, "n_compiles": model.n_compiles,
         })
-        log(f"gradient {backend:13s} {gradient:15s} batch {sizes.gradient_batch}: {median:8.3f} s, "
+        log(f"gradient {backend:13s} {gradient:15s} batch {sizes.gradient_batch}: {median:8.4f} s, "
             f"{circuit_evals or '-'} circuits (first call {first:.2f} s)")
-    return with_ratios(rows, key=(), value="median_s")
+    return with_limit(with_ratios(rows, key=(), value="median_s"), key=(), value="median_s")
 
 
 EXACT_METHODS = ("backprop", "adjoint", "parameter-shift")
@@ -191,28 +252,42 @@ def fastest_methods(gradient_rows: list[dict], pairs: list[tuple[str, str]]) -> 
     from two points."""
     best: dict[str, tuple[float, str]] = {}
     for r in gradient_rows:
-        if r["backend"] == "classical" or r["method"] not in EXACT_METHODS:
+        if r["backend"] in ("classical", REFERENCE[0]) or r["method"] not in EXACT_METHODS:
             continue
         if r["backend"] not in best or r["median_s"] < best[r["backend"]][0]:
             best[r["backend"]] = (r["median_s"], r["method"])
-    backends = [b for b in ("pennylane", "tensorcircuit") if any(p[0] == b for p in pairs)]
+    backends = [b for b in ("pennylane", "pennylane-torch", "tensorcircuit") if any(p[0] == b for p in pairs)]
     return {b: best[b][1] if b in best else "backprop" for b in backends}
 
 
 def bench_scaling(sizes: Sizes, methods: dict[str, str], log: Callable[[str], None]) -> list[dict]:
     import torch
 
-    from models import build_model
     from train import GradientStep, reinforce_loss
 
     obs_np, actions, returns, episodes = recorded_batch(sizes.scaling_batch)
-    obs = torch.as_tensor(obs_np, dtype=torch.float64)
-    loss_fn = reinforce_loss(torch.as_tensor(actions), torch.as_tensor(returns), episodes)
     rows = []
+    for n_qubits in sizes.qubits:
+        policy, params = reference_policy(n_qubits, SCALING_LAYERS, scan=True)  # unrolled 12 qubits would compile for minutes
+        first_fwd, n_fwd = compiles_during(partial(policy.forward, params, obs_np))
+        _, fwd, _ = median_time(partial(policy.forward, params, obs_np), sizes.budget_s)
+        step = partial(policy.loss_and_grad, params, obs_np, actions, returns, episodes)
+        first_grad, n_grad = compiles_during(step)
+        _, grad, _ = median_time(step, sizes.budget_s)
+        rows.append({
+            "backend": REFERENCE[0], "method": REFERENCE[1], "n_qubits": n_qubits, "batch": sizes.scaling_batch,
+            "first_forward_s": first_fwd, "forward_ms": 1e3 * fwd, "first_gradient_s": first_grad,
+            "gradient_ms": 1e3 * grad, "compile_s": first_fwd + first_grad, "n_compiles": n_fwd + n_grad,
+        })
+        log(f"scaling  {'reference':13s} {'hand-written':15s} {n_qubits:2d} qubits: forward {1e3 * fwd:8.2f} ms, "
+            f"gradient {1e3 * grad:8.2f} ms (first calls {first_fwd:.2f} s + {first_grad:.2f} s)")
     for backend, gradient in methods.items():
         for n_qubits in sizes.qubits:
-            exp = reference_experiment(backend, gradient, model={"n_qubits": n_qubits, "n_layers": SCALING_LAYERS, "observables": "auto"})
-            model = build_model(exp, 4, 2, seed=0)
+            exp = reference_experiment(backend, gradient, sizes.device,
+                                       model={"n_qubits": n_qubits, "n_layers": SCALING_LAYERS, "observables": "auto"})
+            model, device = placed_model(exp)
+            obs = torch.as_tensor(obs_np, dtype=torch.float64, device=device)
+            loss_fn = reinforce_loss(torch.as_tensor(actions, device=device), torch.as_tensor(returns, device=device), episodes)
             first_fwd, fwd, _ = median_time(partial(no_grad_forward, model, obs), sizes.budget_s)
             step = partial(GradientStep(model, exp, seed=0), obs, loss_fn, "bench")
             first_grad, grad, _ = median_time(step, sizes.budget_s)
@@ -223,7 +298,8 @@ def bench_scaling(sizes: Sizes, methods: dict[str, str], log: Callable[[str], No
             })
             log(f"scaling  {backend:13s} {gradient:15s} {n_qubits:2d} qubits: forward {1e3 * fwd:8.2f} ms, "
                 f"gradient {1e3 * grad:8.2f} ms (first calls {first_fwd:.2f} s + {first_grad:.2f} s)")
-    return rows
+    return with_limit(with_limit(rows, key=("n_qubits",), value="gradient_ms", column="x_limit_gradient"),
+                      key=("n_qubits",), value="forward_ms", column="x_limit_forward")
 
 
 def bench_throughput(sizes: Sizes, log: Callable[[str], None]) -> list[dict]:
@@ -231,7 +307,7 @@ def bench_throughput(sizes: Sizes, log: Callable[[str], None]) -> list[dict]:
 
     rows = []
     for backend, gradient in sizes.pairs:
-        exp = reference_experiment(backend, gradient, training={"episodes": sizes.throughput_episodes, "stop_avg_return": None})
+        exp = reference_experiment(backend, gradient, sizes.device, training={"episodes": sizes.throughput_episodes, "stop_avg_return": None})
         result = train(exp, seed=0)
         compile_s = result.model.compile_s or 0.0
         rows.append({
@@ -290,6 +366,60 @@ def bench_memory(sizes: Sizes, log: Callable[[str], None]) -> list[dict]:
     return rows
 
 
+def with_limit(rows: list[dict], key: tuple[str, ...], value: str, column: str = "x_limit") -> list[dict]:
+    """Add ``column``: value / the hand-written reference's value at the same key (2 = twice as slow as the limit)."""
+    base = {tuple(r[k] for k in key): r[value] for r in rows if (r["backend"], r["method"]) == REFERENCE}
+    for r in rows:
+        b = base.get(tuple(r[k] for k in key))
+        r[column] = None if not b else r[value] / b
+    return rows
+
+
+ESTIMATOR_PROBE = """
+import json, sys, time
+sys.path.insert(0, {root!r})
+import torch
+torch.set_num_threads(1)
+import bench, gradients
+from train import dqn_loss
+exp = bench.reference_experiment("classical", "finite-diff", algorithm="dqn", model={{"hidden_sizes": [{width}, {width}]}})
+from models import build_model
+model = build_model(exp, 4, 2, seed=0)
+obs_np, actions, _, _ = bench.recorded_batch({batch})
+obs = torch.as_tensor(obs_np)
+loss = dqn_loss(torch.as_tensor(actions), torch.zeros({batch}, dtype=torch.float64))
+x = model.flat_parameters()
+start = time.perf_counter()
+est = gradients.finite_difference(lambda p: loss(model.functional_forward(p, obs)), x, 1e-4)
+elapsed = time.perf_counter() - start
+status = open("/proc/self/status").read().split("\\n")
+peak = next(int(l.split()[1]) for l in status if l.startswith("VmHWM")) / 1024
+print(json.dumps({{"n_params": x.numel(), "seconds": elapsed, "peak_rss_mb": peak, "n_points": est.n_points}}))
+"""
+
+
+def bench_estimators(sizes: Sizes, log: Callable[[str], None]) -> list[dict]:
+    """One central-difference gradient of a classical DQN MLP per width, each in a fresh process
+    (peak RSS is the process's VmHWM; Linux only)."""
+    import json
+    import subprocess
+
+    rows = []
+    if not Path("/proc/self/status").exists():
+        return rows
+    for width in sizes.estimator_widths:
+        code = ESTIMATOR_PROBE.format(root=str(ROOT), width=width, batch=sizes.estimator_batch)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        probe = json.loads(proc.stdout.strip().splitlines()[-1])
+        p = probe["n_params"]
+        rows.append({"backend": "classical", "method": "finite-diff", "hidden": f"[{width}, {width}]", "n_params": p,
+                     "batch": sizes.estimator_batch, "n_points": probe["n_points"], "seconds": probe["seconds"],
+                     "peak_rss_mb": probe["peak_rss_mb"], "unchunked_shift_gb": p * p * 8 / 1e9})
+        log(f"estimate classical finite-diff {p:6d} parameters: {probe['seconds']:7.2f} s, peak RSS {probe['peak_rss_mb']:.0f} MB "
+            f"(one unchunked call: a {rows[-1]['unchunked_shift_gb']:.1f} GB P x P shift matrix)")
+    return rows
+
+
 def with_ratios(rows: list[dict], key: tuple[str, ...], value: str, inverse: bool = False) -> list[dict]:
     """Add ``x_classical``: value / classical backprop's value at the same key (inverse: the other
     way round, for rates), so 10 means ten times slower than the classical baseline."""
@@ -326,21 +456,26 @@ def markdown(results: dict[str, list[dict]], machine: dict[str, str]) -> str:
         by_pair: dict[tuple[str, str], dict[int, dict]] = {}
         for r in results["forward"]:
             by_pair.setdefault((r["backend"], r["method"]), {})[r["batch"]] = r
-        out += md_table("Policy forward (no gradient), median ms (x classical)",
+        out += md_table("Policy forward (no gradient), median ms (x limit)",
                         ["backend", "method", *(f"batch {b}" for b in batches)],
-                        [[backend, method, *(f"{fmt(cells[b]['median_ms'])} (x{fmt(cells[b]['x_classical'], 2)})" for b in batches)]
-                         for (backend, method), cells in by_pair.items()])
+                        [[backend, method, *(f"{fmt(cells[b]['median_ms'])} (x{fmt(cells[b]['x_limit'], 2)})" for b in batches)]
+                         for (backend, method), cells in by_pair.items()],
+                        note="x limit: time over the hand-written reference's at the same batch, measured in the same process.")
     if "gradient" in results:
         out += md_table(f"One gradient step on {results['gradient'][0]['batch']} recorded transitions",
-                        ["backend", "method", "median s", "x classical", "circuits executed", "first call s"],
-                        [[r["backend"], r["method"], fmt(r["median_s"]), fmt(r["x_classical"], 2), fmt(r["circuit_evals"]),
-                          fmt(r["first_s"], 2)] for r in results["gradient"]])
+                        ["backend", "method", "median s", "x limit", "x classical", "circuits executed", "first call s"],
+                        [[r["backend"], r["method"], fmt(r["median_s"]), fmt(r["x_limit"], 2), fmt(r["x_classical"], 2),
+                          fmt(r["circuit_evals"]), fmt(r["first_s"], 2)] for r in results["gradient"]])
     if "scaling" in results:
         out += md_table(f"Qubit scaling ({SCALING_LAYERS} layers, batch {results['scaling'][0]['batch']}, fastest exact gradient): "
                         "first call (cold compile) apart from the steady state",
-                        ["backend", "method", "qubits", "first forward s", "forward ms", "first gradient s", "gradient ms", "compiles"],
+                        ["backend", "method", "qubits", "first forward s", "forward ms", "x limit", "first gradient s", "gradient ms",
+                         "x limit", "compiles", "compile s"],
                         [[r["backend"], r["method"], str(r["n_qubits"]), fmt(r["first_forward_s"], 2), fmt(r["forward_ms"]),
-                          fmt(r["first_gradient_s"], 2), fmt(r["gradient_ms"]), fmt(r["n_compiles"])] for r in results["scaling"]])
+                          fmt(r["x_limit_forward"], 2), fmt(r["first_gradient_s"], 2), fmt(r["gradient_ms"]), fmt(r["x_limit_gradient"], 2),
+                          fmt(r["n_compiles"]), fmt(r["compile_s"], 2)] for r in results["scaling"]],
+                        note="First calls into an empty persistent cache; compile s: wall time of the calls that compiled "
+                             "(XLA compilations of that shape).")
     if "throughput" in results:
         out += md_table(f"CartPole REINFORCE training throughput ({results['throughput'][0]['episodes']} episodes, seed 0)",
                         ["backend", "method", "env steps", "train s", "compile s", "steps/s", "steps/s after compile",
@@ -358,6 +493,12 @@ def markdown(results: dict[str, list[dict]], machine: dict[str, str]) -> str:
                         ["backend", "method", "env steps", "train s", f"peak RSS MB at {early}", f"at {late}", "growth"],
                         [[r["backend"], r["method"], str(r["env_steps"]), fmt(r["train_s"]), f"{r[early_key]:.0f}",
                           f"{r[late_key]:.0f}", f"{r['growth_pct']:+.1f} %"] for r in rows])
+    if results.get("estimators"):
+        out += md_table(f"Central finite differences on classical DQN MLPs, batch {results['estimators'][0]['batch']}, one fresh process each",
+                        ["hidden", "parameters", "points", "s", "peak RSS MB", "one unchunked call: P x P shift matrix GB"],
+                        [[r["hidden"], str(r["n_params"]), str(r["n_points"]), fmt(r["seconds"]), f"{r['peak_rss_mb']:.0f}",
+                          fmt(r["unchunked_shift_gb"], 3)] for r in results["estimators"]],
+                        note="Shifted points are generated and evaluated in chunks of at most 2^22 entries (gradients.py).")
     return "\n".join(out)
 
 
@@ -405,8 +546,10 @@ def figure(results: dict[str, list[dict]]):
     return fig
 
 
-def machine_description() -> dict[str, str]:
+def machine_description(device: str = "cpu") -> dict[str, str]:
     import torch
+
+    from utils import select_device
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -422,6 +565,7 @@ def machine_description() -> dict[str, str]:
         "torch threads": str(torch.get_num_threads()),
         "python": platform.python_version(),
         "os": platform.platform(terse=True),
+        "device": select_device(device) + (f" ({torch.cuda.get_device_name(0)})" if select_device(device) == "cuda" else ""),
     }
 
 
@@ -468,6 +612,9 @@ def log_to_mlflow(tracking_uri: str, results: dict[str, list[dict]], machine: di
         metrics[f"throughput_steps_per_s/{r['backend']}/{r['method']}"] = r["steps_per_s"]
     for r in results.get("memory", []):
         metrics[f"memory_growth_pct/{r['backend']}/{r['method']}"] = r["growth_pct"]
+    for r in results.get("estimators", []):
+        metrics[f"estimators/finite_diff_s/params_{r['n_params']}"] = r["seconds"]
+        metrics[f"estimators/finite_diff_peak_rss_mb/params_{r['n_params']}"] = r["peak_rss_mb"]
     log_metrics(client, run_id, metrics, 0)
     for r in results.get("scaling", []):
         prefix = f"scaling/{r['backend']}/{r['method']}"
@@ -501,6 +648,8 @@ def run_sections(sections: list[str], sizes: Sizes) -> tuple[dict[str, list[dict
         results["throughput"] = bench_throughput(sizes, log)
     if "memory" in sections:
         results["memory"] = bench_memory(sizes, log)
+    if "estimators" in sections:
+        results["estimators"] = bench_estimators(sizes, log)
     return results, time.perf_counter() - start
 
 
@@ -510,6 +659,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--only", nargs="+", metavar="BACKEND/METHOD", help="measure these pairs only (default: all)")
     parser.add_argument("--out", default="bench_results", help="folder for bench.md, the CSV files and bench.png")
+    parser.add_argument("--qubits", nargs="+", type=int, metavar="N", help="qubit counts of the scaling section (default 2 4 ... 12)")
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                        help="device of the models (cuda: torch and jax on the GPU where installed; simulators that cannot go "
+                             "there fall back to the CPU as in training)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     args = parser.parse_args(argv)
 
@@ -525,6 +678,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         pairs = [names[name] for name in args.only]
 
+    from utils import select_device
+
+    try:
+        select_device(args.device)
+    except RuntimeError as exc:
+        print(f"error: --device: {exc}", file=sys.stderr)
+        return 2
     tracking_uri = resolve_tracking_uri(args.tracking_uri, None)
     try:
         check_tracking_uri(tracking_uri)
@@ -534,8 +694,11 @@ def main(argv: list[str] | None = None) -> int:
     # Compile times are measured into an empty persistent cache, not loaded from an earlier run's.
     with tempfile.TemporaryDirectory(prefix="qmlbench-bench-jax-") as cache:
         os.environ["QMLBENCH_JAX_CACHE"] = cache
-        results, total_s = run_sections(args.sections, Sizes(args.quick, pairs))
-    machine = machine_description()
+        sizes = Sizes(args.quick, pairs, args.device)
+        if args.qubits:
+            sizes.qubits = tuple(args.qubits)
+        results, total_s = run_sections(args.sections, sizes)
+    machine = machine_description(args.device)
     text = markdown(results, machine) + f"\nTotal benchmark time: {total_s:.0f} s.\n"
     print()
     print(text)

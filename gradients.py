@@ -38,50 +38,97 @@ class GradientEstimate:
 # Finite differences
 
 
-def finite_difference(f: BatchedLoss, x: torch.Tensor, step: float = 1e-4, scheme: str = "central") -> GradientEstimate:
+#: Shifted parameter points are generated and evaluated in chunks of at most this many entries
+#: (points x parameters), so memory grows as O(chunk x P), not P x P: a 67k-parameter MLP with
+#: central differences would otherwise build two 67k x 67k shift matrices (36.5 GB). 2^22 float64
+#: entries are 32 MB; models of up to 2,048 parameters (every circuit here) still take one call.
+POINT_ENTRIES_PER_CALL = 1 << 22
+
+
+def points_per_call(n_params: int, chunk: int | None = None) -> int:
+    """Shifted points per batched call: ``chunk`` if given, else POINT_ENTRIES_PER_CALL / P (at least 1)."""
+    if chunk is not None:
+        if chunk < 1:
+            raise ValueError(f"chunk must be a positive number of points, got {chunk}")
+        return chunk
+    return max(1, POINT_ENTRIES_PER_CALL // max(1, n_params))
+
+
+def finite_difference(f: BatchedLoss, x: torch.Tensor, step: float = 1e-4, scheme: str = "central",
+                      chunk: int | None = None) -> GradientEstimate:
     """Finite-difference gradient in float64.
 
     central: g_i = (f(x + h e_i) - f(x - h e_i)) / (2h), error O(h^2), cost 2P + 1 points.
     forward: g_i = (f(x + h e_i) - f(x)) / h, error O(h), cost P + 1 points.
     The default h = 1e-4 balances truncation (~h^2) against float64 round-off (~1e-16 / h).
+    The coordinates are shifted ``chunk`` at a time (default :func:`points_per_call`): each call
+    of ``f`` gets the unshifted point (first call only) and the +h (and -h) points of one chunk,
+    so memory is O(chunk x P); the result does not depend on the chunk for a row-wise ``f``.
     """
     if step <= 0:
         raise ValueError(f"finite-difference step must be positive, got {step}")
+    if scheme not in ("central", "forward"):
+        raise ValueError(f"finite-difference scheme {scheme!r}; allowed: central, forward")
     x = x.detach().to(torch.float64)
     n = x.numel()
-    eye = torch.eye(n, dtype=torch.float64, device=x.device) * step
-    if scheme == "central":
-        points = torch.cat([x[None], x + eye, x - eye])
+    per_call = points_per_call(n, chunk)
+    grad = torch.empty(n, dtype=torch.float64, device=x.device)
+    loss = None
+    n_points = 0
+    for start in range(0, n, per_call):
+        stop = min(start + per_call, n)
+        rows = torch.arange(stop - start, device=x.device)
+        plus = x.repeat(stop - start, 1)
+        plus[rows, start + rows] += step
+        shifted = [plus]
+        if scheme == "central":
+            minus = x.repeat(stop - start, 1)
+            minus[rows, start + rows] -= step
+            shifted.append(minus)
+        points = torch.cat(([x[None]] if loss is None else []) + shifted)
         values = f(points).to(torch.float64)
-        grad = (values[1 : n + 1] - values[n + 1 :]) / (2 * step)
-    elif scheme == "forward":
-        points = torch.cat([x[None], x + eye])
-        values = f(points).to(torch.float64)
-        grad = (values[1:] - values[0]) / step
-    else:
-        raise ValueError(f"finite-difference scheme {scheme!r}; allowed: central, forward")
-    return GradientEstimate(values[0], grad, points.shape[0])
+        n_points += points.shape[0]
+        if loss is None:
+            loss, values = values[0], values[1:]
+        if scheme == "central":
+            grad[start:stop] = (values[: stop - start] - values[stop - start :]) / (2 * step)
+        else:
+            grad[start:stop] = (values - loss) / step
+    if loss is None:  # no parameters
+        loss = f(x[None]).to(torch.float64)[0]
+        n_points = 1
+    return GradientEstimate(loss, grad, n_points)
 
 
 # ---------------------------------------------------------------------------------------------
 # SPSA
 
 
-def rademacher_directions(n_directions: int, n_params: int, generator: torch.Generator) -> torch.Tensor:
-    """(n_directions, n_params) of independent +/-1 entries: E[d d^T] = I."""
-    bits = torch.randint(0, 2, (n_directions, n_params), generator=generator, dtype=torch.int64)
+def rademacher_directions(n_directions: int, n_params: int, generator: torch.Generator, rows: slice | None = None) -> torch.Tensor:
+    """(n_directions, n_params) of independent +/-1 entries: E[d d^T] = I.
+
+    ``rows``: only these directions (SPSA asks for its directions chunk by chunk); each call draws
+    fresh entries from ``generator``, chunk after chunk.
+    """
+    count = n_directions if rows is None else len(range(n_directions)[rows])
+    bits = torch.randint(0, 2, (count, n_params), generator=generator, dtype=torch.int64)
     return (2 * bits - 1).to(torch.float64)
 
 
-def coordinate_directions(n_directions: int, n_params: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def coordinate_directions(n_directions: int, n_params: int, generator: torch.Generator | None = None,
+                          rows: slice | None = None) -> torch.Tensor:
     """All coordinate axes scaled by sqrt(P) (deterministic; needs ``n_directions == n_params``).
 
     E[d d^T] = I as for Rademacher directions; with these, SPSA equals central differences with
-    step c * sqrt(P), which is what the tests use to make SPSA deterministic.
+    step c * sqrt(P), which is what the tests use to make SPSA deterministic. ``rows``: only
+    these axes, ``(len(rows), P)``, never the whole P x P matrix.
     """
     if n_directions != n_params:
         raise ValueError(f"coordinate directions need n_directions == n_params ({n_params}), got {n_directions}")
-    return torch.eye(n_params, dtype=torch.float64) * math.sqrt(n_params)
+    axes = torch.arange(n_params)[rows if rows is not None else slice(None)]
+    out = torch.zeros(len(axes), n_params, dtype=torch.float64)
+    out[torch.arange(len(axes)), axes] = math.sqrt(n_params)
+    return out
 
 
 @dataclass(frozen=True)
@@ -112,21 +159,35 @@ def spsa(
     c: float,
     n_directions: int,
     generator: torch.Generator,
-    sampler: Callable[[int, int, torch.Generator], torch.Tensor] = rademacher_directions,
+    sampler: Callable[..., torch.Tensor] = rademacher_directions,
+    chunk: int | None = None,
 ) -> GradientEstimate:
     """SPSA gradient: g = (1/m) sum_j (f(x + c d_j) - f(x - c d_j)) / (2c) * d_j.
 
     Unbiased up to O(c^2) for any direction law with E[d d^T] = I; exact in expectation for a
-    quadratic. Cost: 2m + 1 points, independent of the number of parameters.
+    quadratic. Cost: 2m + 1 points, independent of the number of parameters. The directions are
+    drawn and evaluated ``chunk`` at a time (default :func:`points_per_call`; ``sampler(m, P,
+    generator, rows=slice)``), so memory is O(chunk x P) even for coordinate directions (m = P).
     """
     x = x.detach().to(torch.float64)
-    d = sampler(n_directions, x.numel(), generator).to(device=x.device, dtype=torch.float64)
-    points = torch.cat([x[None], x + c * d, x - c * d])
-    values = f(points).to(torch.float64)
-    m = d.shape[0]
-    diffs = (values[1 : m + 1] - values[m + 1 :]) / (2 * c)
-    grad = (diffs[:, None] * d).mean(0)
-    return GradientEstimate(values[0], grad, points.shape[0])
+    n = x.numel()
+    per_call = points_per_call(n, chunk)
+    total = torch.zeros(n, dtype=torch.float64, device=x.device)
+    loss = None
+    n_points = 0
+    for start in range(0, n_directions, per_call):
+        stop = min(start + per_call, n_directions)
+        d = sampler(n_directions, n, generator, rows=slice(start, stop)).to(device=x.device, dtype=torch.float64)
+        points = torch.cat(([x[None]] if loss is None else []) + [x + c * d, x - c * d])
+        values = f(points).to(torch.float64)
+        n_points += points.shape[0]
+        if loss is None:
+            loss, values = values[0], values[1:]
+        m = stop - start
+        total += ((values[:m] - values[m:]) / (2 * c)) @ d
+    if loss is None:
+        raise ValueError(f"SPSA needs at least one direction, got {n_directions}")
+    return GradientEstimate(loss, total / n_directions, n_points)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -220,6 +220,7 @@ class PennyLaneCircuit(CircuitBackend):
     """
 
     name = "pennylane"
+    interface = "torch"
 
     def __init__(self, spec: CircuitSpec, device_name: str, diff_method: str | None):
         super().__init__(spec)
@@ -319,12 +320,12 @@ def _apply_ops(circuit, ops, angles) -> None:
 
 
 class _JaxCircuitFunction(torch.autograd.Function):
-    """torch autograd around the jitted forward and vector-Jacobian product of a TensorCircuit
-    backend (what ``tc.interfaces.torch_interface`` does, plus padding, chunking and compile
-    accounting)."""
+    """torch autograd around the jitted forward and vector-Jacobian product of a
+    :class:`JaxJitCircuit` (what ``tc.interfaces.torch_interface`` does, plus padding, chunking
+    and compile accounting)."""
 
     @staticmethod
-    def forward(ctx, angles: torch.Tensor, backend: TensorCircuitCircuit) -> torch.Tensor:
+    def forward(ctx, angles: torch.Tensor, backend: JaxJitCircuit) -> torch.Tensor:
         ctx.backend = backend
         ctx.save_for_backward(angles)
         return backend._run(backend._jit_forward, angles, small=False)
@@ -351,29 +352,83 @@ def use_tensorcircuit(math_backend: str):
     return tc
 
 
-class TensorCircuitCircuit(CircuitBackend):
+class JaxJitCircuit(CircuitBackend):
+    """A circuit simulated by a jax function of a batch of gate angles, ``jit``-compiled for the
+    forward pass and for the vector-Jacobian product, behind a torch bridge.
+
+    Shared by TensorCircuit (jax backend) and PennyLane (jax interface), so both get the same
+    persistent compilation cache (:func:`enable_jax_compilation_cache`), the same padded batch
+    shapes (:func:`padded_chunks`) and the same compile accounting: ``n_compiles`` / ``compile_s``
+    count the XLA compilations this backend triggered and the wall time of the calls that
+    compiled.
+    """
+
+    compile_s: float | None = 0.0
+
+    def _setup_jax(self, batched: Callable) -> None:
+        """``batched``: jax function, gate angles ``(N, G)`` -> expectation values ``(N, O)``."""
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+        enable_jax_compilation_cache()
+        JaxCompileMonitor.install()
+        self._n_compiles = 0
+        self.compile_s = 0.0
+        self._jit_forward = jax.jit(batched)
+        self._jit_vjp = jax.jit(lambda x, v: jax.vjp(batched, x)[1](v)[0])
+
+    @property
+    def n_compiles(self) -> int | None:
+        return self._n_compiles
+
+    def _evaluate(self, gate_angles: torch.Tensor, update: bool) -> torch.Tensor:
+        if needs_grad(gate_angles):
+            return _JaxCircuitFunction.apply(gate_angles, self)
+        return self._run(self._jit_forward, gate_angles, small=not update)
+
+    def precompile(self, n_rows: int) -> None:
+        self._run(self._jit_forward, torch.zeros(n_rows, self.spec.n_gate_angles, dtype=DTYPE), small=True)
+
+    def _run(self, jitted: Callable, *arrays: torch.Tensor, small: bool) -> torch.Tensor:
+        """Call ``jitted`` on every padded chunk of the row-aligned ``arrays``; rows joined back."""
+        import jax
+
+        device = arrays[0].device
+        host = [a.detach().to("cpu", torch.float64).numpy() for a in arrays]
+        outs = []
+        for start, stop, size in padded_chunks(host[0].shape[0], small):
+            chunk = [np.zeros((size, *a.shape[1:])) for a in host]
+            for padded, a in zip(chunk, host):
+                padded[: stop - start] = a[start:stop]
+            before, t0 = JaxCompileMonitor.compiles, time.perf_counter()
+            result = jax.block_until_ready(jitted(*chunk))
+            if JaxCompileMonitor.compiles != before:
+                self._n_compiles += JaxCompileMonitor.compiles - before
+                self.compile_s += time.perf_counter() - t0
+            outs.append(np.asarray(result)[: stop - start])
+        return torch.from_numpy(np.concatenate(outs)).to(device)
+
+
+class TensorCircuitCircuit(JaxJitCircuit):
     """TensorCircuit-NG state-vector circuit, vmapped over the batch.
 
     jax: the re-uploading layers run under ``jax.lax.scan`` (TensorCircuit's recipe for short
     jit times: XLA compiles one layer, not L unrolled copies; the vector-Jacobian product of the
     4-qubit, 5-layer circuit compiles in about 2.5 s instead of 20 s on one core), ``jit(vmap)``
-    for the forward pass and for the vector-Jacobian product, batches padded by
-    :func:`padded_chunks`. ``n_compiles`` / ``compile_s`` count the XLA compilations this
-    backend triggered and the wall time of the calls that compiled. pytorch: the same gate list
-    unrolled, vmapped with torch.func and differentiated by torch autograd (twice if asked: MAML).
+    for the forward pass and for the vector-Jacobian product (see :class:`JaxJitCircuit`).
+    pytorch: the same gate list unrolled, vmapped with torch.func and differentiated by torch
+    autograd (twice if asked: MAML).
     """
 
     name = "tensorcircuit"
 
     def __init__(self, spec: CircuitSpec, math_backend: str = "jax"):
-        super().__init__(spec)
+        CircuitBackend.__init__(self, spec)
         if math_backend not in ("jax", "pytorch"):
             raise ValueError(f"tensorcircuit math backend {math_backend!r}; allowed: jax, pytorch")
         tc = use_tensorcircuit(math_backend)
 
         self.math_backend = math_backend
-        self._n_compiles = 0
-        self.compile_s = 0.0 if math_backend == "jax" else None
         observables = spec.observables
 
         def readout(c):
@@ -383,9 +438,6 @@ class TensorCircuitCircuit(CircuitBackend):
             import jax
             import jax.numpy as jnp
 
-            jax.config.update("jax_enable_x64", True)
-            enable_jax_compilation_cache()
-            JaxCompileMonitor.install()
             n, n_layers = spec.n_qubits, spec.n_layers
             layer_ops, final_ops = spec.layer_ops(), spec.rotation_ops(0)
 
@@ -403,10 +455,9 @@ class TensorCircuitCircuit(CircuitBackend):
                 _apply_ops(c, final_ops, theta[n_layers])
                 return readout(c)
 
-            batched = jax.vmap(single)
-            self._jit_forward = jax.jit(batched)
-            self._jit_vjp = jax.jit(lambda x, v: jax.vjp(batched, x)[1](v)[0])
+            self._setup_jax(jax.vmap(single))
         elif math_backend == "pytorch":
+            self.compile_s = None
             gates = spec.gates()
 
             def single_torch(angles):
@@ -429,34 +480,91 @@ class TensorCircuitCircuit(CircuitBackend):
     def _evaluate(self, gate_angles: torch.Tensor, update: bool) -> torch.Tensor:
         if self.math_backend == "pytorch":
             return self._torch_fn(gate_angles)
-        if needs_grad(gate_angles):
-            return _JaxCircuitFunction.apply(gate_angles, self)
-        return self._run(self._jit_forward, gate_angles, small=not update)
+        return super()._evaluate(gate_angles, update)
 
     def precompile(self, n_rows: int) -> None:
         if self.math_backend == "jax":
-            self._run(self._jit_forward, torch.zeros(n_rows, self.spec.n_gate_angles, dtype=DTYPE), small=True)
+            super().precompile(n_rows)
 
     def _run(self, jitted: Callable, *arrays: torch.Tensor, small: bool) -> torch.Tensor:
-        """Call ``jitted`` on every padded chunk of the row-aligned ``arrays``; rows joined back."""
+        use_tensorcircuit("jax")  # a no-op in a worker; a new shape is traced with TensorCircuit's jax backend
+        return super()._run(jitted, *arrays, small=small)
+
+
+class PennyLaneJaxCircuit(JaxJitCircuit):
+    """PennyLane ``default.qubit`` with the jax interface (backprop) under ``jax.jit``: PennyLane's
+    fastest path here, behind the same bridge, cache, padding and compile counters as
+    TensorCircuit (:class:`JaxJitCircuit`).
+
+    ``scan_layers`` (default): one QNode simulates one re-uploading layer from a prepared state
+    (``qml.StatePrep``) and returns ``qml.state()``; ``jax.lax.scan`` runs it L times and a second
+    QNode applies the final rotations and measures. XLA then compiles one layer instead of L
+    unrolled copies: the vector-Jacobian product of the 4-qubit, 5-layer circuit at 128 rows
+    compiled in 8.3 s instead of 44.6 s on one core, at 3.8 ms instead of 3.1 ms per call.
+    ``scan_layers=False``: the whole circuit as one QNode, as a PennyLane user would write it.
+    """
+
+    name = "pennylane"
+    device_name = "default.qubit"
+    diff_method = "backprop"
+    interface = "jax"
+
+    def __init__(self, spec: CircuitSpec, scan_layers: bool = True):
+        super().__init__(spec)
         import jax
+        import jax.numpy as jnp
+        import pennylane as qml
 
-        use_tensorcircuit("jax")  # a no-op in a worker; a new shape is traced with the jax backend
+        self.scan_layers = scan_layers
+        n, n_layers = spec.n_qubits, spec.n_layers
+        dev = qml.device(self.device_name, wires=n)
+        op_of = {"rx": qml.RX, "ry": qml.RY, "rz": qml.RZ}
 
-        device = arrays[0].device
-        host = [a.detach().to("cpu", torch.float64).numpy() for a in arrays]
-        outs = []
-        for start, stop, size in padded_chunks(host[0].shape[0], small):
-            chunk = [np.zeros((size, *a.shape[1:])) for a in host]
-            for padded, a in zip(chunk, host):
-                padded[: stop - start] = a[start:stop]
-            before, t0 = JaxCompileMonitor.compiles, time.perf_counter()
-            result = jax.block_until_ready(jitted(*chunk))
-            if JaxCompileMonitor.compiles != before:
-                self._n_compiles += JaxCompileMonitor.compiles - before
-                self.compile_s += time.perf_counter() - t0
-            outs.append(np.asarray(result)[: stop - start])
-        return torch.from_numpy(np.concatenate(outs)).to(device)
+        def apply(ops, angles):
+            for kind, wires, idx in ops:
+                if kind == "cz":
+                    qml.CZ(wires=list(wires))
+                else:
+                    op_of[kind](angles[..., idx], wires=wires[0])
+
+        def measure():
+            return [qml.expval(qml.prod(*[qml.Z(q) for q in qubits])) for qubits in spec.observables]
+
+        if scan_layers:
+            layer_ops, final_ops = spec.layer_ops(), spec.rotation_ops(0)
+
+            @qml.qnode(dev, interface="jax", diff_method="backprop")
+            def layer_qnode(state, angles):
+                qml.StatePrep(state, wires=range(n), validate_norm=False)
+                apply(layer_ops, angles)
+                return qml.state()
+
+            @qml.qnode(dev, interface="jax", diff_method="backprop")
+            def final_qnode(state, angles):
+                qml.StatePrep(state, wires=range(n), validate_norm=False)
+                apply(final_ops, angles)
+                return measure()
+
+            def single(angles):
+                theta = angles[: spec.n_theta].reshape(n_layers + 1, 3 * n)
+                encoding = angles[spec.n_theta :].reshape(n_layers, spec.n_encoding)
+                start = jnp.zeros(2**n, dtype=jnp.complex128).at[0].set(1.0)
+                state, _ = jax.lax.scan(lambda s, a: (layer_qnode(s, a), None), start, jnp.concatenate([theta[:n_layers], encoding], axis=1))
+                return jnp.stack(final_qnode(state, theta[n_layers]), -1)
+
+            batched = jax.vmap(single)
+        else:
+            gates = spec.gates()
+
+            @qml.qnode(dev, interface="jax", diff_method="backprop")
+            def whole(angles):
+                apply(gates, angles)
+                return measure()
+
+            def batched(angles):  # parameter broadcasting over the rows
+                return jnp.stack(whole(angles), -1).reshape(angles.shape[0], len(spec.observables))
+
+        self._setup_jax(batched)
 
 
 class ParameterShiftCircuit(CircuitBackend):
@@ -678,6 +786,10 @@ def pennylane_device_for(gradient: str, configured: str) -> str:
 
 
 def _pennylane_circuit(spec: CircuitSpec, exp: ExperimentConfig) -> CircuitBackend:
+    if exp.pennylane_interface == "jax":
+        circuit: CircuitBackend = PennyLaneJaxCircuit(spec, exp.pennylane.scan_layers)
+        # Parameter shift evaluates its shifted circuits through the jitted forward pass.
+        return ParameterShiftCircuit(circuit) if exp.gradient == "parameter-shift" else circuit
     device = pennylane_device_for(exp.gradient, exp.pennylane.device)
     if exp.gradient == "parameter-shift":
         # Shifted circuits are evaluated by one broadcast forward call (see PennyLaneCircuit).

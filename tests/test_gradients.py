@@ -56,6 +56,61 @@ def test_finite_difference_rejects_bad_options(quad):
         gradients.finite_difference(f, x, step=0.0)
 
 
+@pytest.mark.parametrize("scheme", ["central", "forward"])
+@pytest.mark.parametrize("chunk", [1, 2, 4, 5, 7])
+def test_chunked_finite_difference_equals_one_call(quad, scheme, chunk):
+    """Chunks of coordinates give the same numbers and the same point count as one batched call,
+    and no call of f sees more than the chunk's shifted points (plus the unshifted one, once)."""
+    f, x, _ = quad
+    calls = []
+
+    def counting(points):
+        calls.append(points.shape[0])
+        return f(points)
+
+    whole = gradients.finite_difference(f, x, 1e-3, scheme, chunk=5)
+    est = gradients.finite_difference(counting, x, 1e-3, scheme, chunk=chunk)
+    assert torch.equal(est.grad, whole.grad) and torch.equal(est.loss, whole.loss)
+    assert est.n_points == whole.n_points == sum(calls) == (2 if scheme == "central" else 1) * 5 + 1
+    per_point = 2 if scheme == "central" else 1
+    assert max(calls) <= per_point * chunk + 1 and len(calls) == math.ceil(5 / chunk)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5])
+def test_chunked_coordinate_spsa_equals_one_call(quad, chunk):
+    f, x, grad = quad
+    calls = []
+
+    def counting(points):
+        calls.append(points.shape[0])
+        return f(points)
+
+    c = 1e-3 / math.sqrt(5)
+    whole = gradients.spsa(f, x, c, 5, torch.Generator(), sampler=gradients.coordinate_directions, chunk=5)
+    est = gradients.spsa(counting, x, c, 5, torch.Generator(), sampler=gradients.coordinate_directions, chunk=chunk)
+    assert torch.allclose(est.grad, whole.grad, atol=1e-13, rtol=0) and torch.allclose(est.grad, grad, atol=1e-9)
+    assert est.n_points == sum(calls) == 11 and max(calls) <= 2 * chunk + 1
+
+
+def test_default_chunk_bounds_the_shift_matrix(monkeypatch):
+    """Memory is O(chunk x P): with 2^12 entries per call, 1000 parameters go 4 coordinates at a time."""
+    monkeypatch.setattr(gradients, "POINT_ENTRIES_PER_CALL", 1 << 12)
+    assert gradients.points_per_call(1000) == 4 and gradients.points_per_call(10**6) == 1
+    sizes = []
+    b = torch.linspace(-1, 1, 1000)
+
+    def f(points):
+        sizes.append(points.numel())
+        return points @ b + (points**2).sum(1)
+
+    x = torch.linspace(0, 1, 1000)
+    est = gradients.finite_difference(f, x, 1e-3)
+    assert torch.allclose(est.grad, b + 2 * x, atol=1e-8)
+    assert max(sizes) <= (2 * 4 + 1) * 1000 and est.n_points == 2001
+    with pytest.raises(ValueError, match="chunk"):
+        gradients.points_per_call(10, chunk=0)
+
+
 def test_spsa_with_coordinate_sampler_equals_central_difference(quad):
     f, x, grad = quad
     c = 1e-3 / math.sqrt(5)
@@ -180,3 +235,21 @@ def test_parameter_shift_matches_pennylane_native_parameter_shift_on_one_sample(
     ours = model.circuit(b)[:, 0]
     (our_grad,) = torch.autograd.grad(ours.sum(), b)
     assert torch.allclose(our_grad[0], native_grad, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend,extra", [("pennylane", {}), ("pennylane", {"pennylane": {"interface": "torch"}}),
+                                           ("tensorcircuit", {})])
+@pytest.mark.parametrize("gradient", ["backprop", "parameter-shift", "spsa", "finite-diff"])
+def test_circuits_per_gradient_step_are_exact(backend, extra, gradient):
+    """One update on N observations executes N circuits (backprop), N + 2GN (parameter shift: the
+    forward pass, then every gate angle shifted both ways), (2m + 1)N (SPSA) or (2P + 1)N (central
+    differences), on PennyLane's jax and torch paths alike; padding is never counted."""
+    from train import GradientStep
+
+    model, obs, loss_fn = _policy_loss_setup(backend, gradient, **extra)
+    exp = experiment(backend=backend, gradient=gradient, algorithm="reinforce", model={"n_qubits": 3, "n_layers": 2}, **extra)
+    stats = GradientStep(model, exp, seed=0)(obs, loss_fn, "test")
+    n, g, p = obs.shape[0], model.spec.n_gate_angles, model.flat_parameters().numel()
+    expected = {"backprop": n, "parameter-shift": n + 2 * g * n, "spsa": (2 * exp.spsa.n_directions + 1) * n,
+                "finite-diff": (2 * p + 1) * n}[gradient]
+    assert stats["circuit_evals"] == expected

@@ -62,7 +62,8 @@ def test_same_seed_same_initial_weights_on_both_backends(algorithm):
 @pytest.mark.parametrize("algorithm,n_qubits,n_layers", [("reinforce", 4, 3), ("dqn", 4, 2), ("reinforce", 2, 2), ("dqn", 5, 1)])
 def test_pennylane_and_tensorcircuit_agree(algorithm, n_qubits, n_layers):
     outs, grads = [], []
-    for backend, extra in [("pennylane", {}), ("tensorcircuit", {}), ("tensorcircuit", {"tensorcircuit": {"math_backend": "pytorch"}})]:
+    for backend, extra in [("pennylane", {"pennylane": {"interface": "torch"}}), ("pennylane", {}), ("tensorcircuit", {}),
+                           ("tensorcircuit", {"tensorcircuit": {"math_backend": "pytorch"}})]:
         exp = experiment(backend=backend, gradient="backprop", algorithm=algorithm,
                          model={"n_qubits": n_qubits, "n_layers": n_layers}, **extra)
         model = build_model(exp, 4, 2, seed=5)
@@ -105,12 +106,14 @@ def test_padded_chunks():
     assert padded_chunks(300) == [(0, 128, 128), (128, 256, 128), (256, 300, 128)]
 
 
-def test_tensorcircuit_compiles_each_shape_once_and_chunks_exactly():
+@pytest.mark.parametrize("backend", ["tensorcircuit", "pennylane"])
+def test_jitted_backends_compile_each_shape_once_and_chunk_exactly(backend):
     """Forward and vector-Jacobian product compile once per padded shape, whatever the batch; padded
-    and chunked batches give the same outputs and gradients as PennyLane."""
+    and chunked batches give the same outputs and gradients as PennyLane's torch interface."""
     rng = np.random.default_rng(0)
-    exp = experiment(backend="tensorcircuit", gradient="backprop", model={"n_qubits": 2, "n_layers": 1})
+    exp = experiment(backend=backend, gradient="backprop", model={"n_qubits": 2, "n_layers": 1})
     model = build_model(exp, 4, 2, seed=0)
+    assert model.circuit.name == backend and model.n_compiles == 0
     sizes = (1, 3, 4, 5, 7, 8, 100, 1500)  # padded to 1, 4, 8, 8, 8, 8, 128, 12 x 128
     for _ in range(2):
         with torch.no_grad():
@@ -119,7 +122,8 @@ def test_tensorcircuit_compiles_each_shape_once_and_chunks_exactly():
     assert model.n_compiles == 4  # forward at 1, 4, 8, 128
     assert model.circuit_evals == 2 * sum(sizes)  # padding is not counted
     obs = torch.as_tensor(rng.normal(size=(1500, 4)))
-    reference = build_model(experiment(backend="pennylane", gradient="backprop", model={"n_qubits": 2, "n_layers": 1}), 4, 2, seed=0)
+    reference = build_model(experiment(backend="pennylane", gradient="backprop", model={"n_qubits": 2, "n_layers": 1},
+                                       pennylane={"interface": "torch"}), 4, 2, seed=0)
     for m in (model, reference):
         (m(obs) * torch.tensor([1.0, -2.0])).sum().backward()
     assert model.n_compiles == 5  # + the vector-Jacobian product at 128
@@ -128,6 +132,32 @@ def test_tensorcircuit_compiles_each_shape_once_and_chunks_exactly():
     model(obs[:100]).sum().backward()
     model(obs[:3]).sum().backward()  # calls with gradient always use the chunk shape
     assert model.n_compiles == 5 and model.compile_s > 0
+
+
+def test_pennylane_unrolled_jax_qnode_agrees_with_the_scanned_one():
+    """scan_layers=False: the whole circuit as one broadcasting QNode under jax.jit."""
+    outs = []
+    for scan in (True, False):
+        exp = experiment(backend="pennylane", gradient="backprop", model={"n_qubits": 3, "n_layers": 2}, pennylane={"scan_layers": scan})
+        model = build_model(exp, 4, 2, seed=2)
+        assert model.circuit.scan_layers is scan
+        out = model(OBS)
+        outs.append((out.detach(), torch.autograd.grad(out.sum(), list(model.parameters()))))
+    assert torch.allclose(outs[0][0], outs[1][0], atol=1e-12)
+    for g, g0 in zip(outs[0][1], outs[1][1]):
+        assert torch.allclose(g, g0, atol=1e-12)
+
+
+@pytest.mark.parametrize("gradient,algorithm,interface,expected", [
+    ("backprop", "reinforce", "auto", "jax"), ("spsa", "dqn", "auto", "jax"), ("finite-diff", "dqn", "auto", "jax"),
+    ("parameter-shift", "reinforce", "auto", "jax"), ("adjoint", "reinforce", "auto", "torch"),
+    ("backprop", "reinforce", "torch", "torch"), ("spsa", "reinforce", "torch", "torch"),
+])
+def test_pennylane_interface_choice(gradient, algorithm, interface, expected):
+    model = build_model(experiment(backend="pennylane", gradient=gradient, algorithm=algorithm, pennylane={"interface": interface}), 4, 2, seed=0)
+    circuit = getattr(model.circuit, "inner", model.circuit)
+    assert circuit.interface == expected
+    assert (model.n_compiles is not None) == (expected == "jax")
 
 
 def test_pennylane_device_choice():
@@ -162,3 +192,22 @@ def test_mlp_functional_forward_in_chunks_equals_one_call(monkeypatch):
     whole = model.functional_forward(points, OBS)
     monkeypatch.setattr(models, "MLP_ROWS_PER_CALL", 4)  # 1 parameter set (3 observations) per call
     assert torch.equal(model.functional_forward(points, OBS), whole) and whole.shape == (7, 3, 2)
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"gradient": "adjoint", "pennylane": {"interface": "jax"}}, "adjoint and lightning.qubit need interface 'torch'"),
+    ({"gradient": "spsa", "pennylane": {"interface": "jax", "device": "lightning.qubit"}}, "adjoint and lightning.qubit"),
+    ({"gradient": "backprop", "task": "qubit_meta", "algorithm": "maml", "pennylane": {"interface": "jax"}},
+     "pennylane with interface 'auto' or 'torch'"),
+])
+def test_pennylane_jax_interface_rejects_what_it_cannot_do(fields, message):
+    from config_schema import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        experiment(backend="pennylane", **fields)
+
+
+def test_maml_on_pennylane_auto_stays_on_the_torch_interface():
+    exp = experiment(backend="pennylane", gradient="backprop", task="qubit_meta", algorithm="maml")
+    assert exp.pennylane_interface == "torch" and exp.second_order_capable
+    assert experiment(backend="pennylane", gradient="backprop", task="qubit_meta", algorithm="fomaml").pennylane_interface == "jax"

@@ -1,0 +1,186 @@
+"""The peer stacks a user would pick, timed on the same 4-qubit, 5-layer re-uploading circuit.
+
+Not part of the project and not among its requirements: run it in a separate environment where
+the peers are installed, for example::
+
+    python3 -m venv /tmp/peers && . /tmp/peers/bin/activate
+    pip install tensorflow-quantum==0.7.3 "tensorflow<2.16" numpy     # or TFQ 0.7.6 with its pinned TF
+    pip install qiskit qiskit-machine-learning==0.9.1
+    pip install jax                                                  # optional: the limit in the same process
+    OMP_NUM_THREADS=1 TF_USE_LEGACY_KERAS=1 python tools/peers.py --stacks tfq qiskit
+
+It prints, per stack, the median time of a forward call (expectation values of Z0Z1Z2Z3) at a
+batch of 10 and of 1000 circuits and of one gradient of sum_b w_b <O>_b with respect to every gate
+angle of 1000 circuits. Qiskit Machine Learning has no reverse-mode gradient (its EstimatorQNN
+differentiates by parameter shift, 2 x 92 circuits per row), so its gradient is timed on
+``--qiskit-gradient-rows`` rows and scaled to 1000. If jax is importable, the hand-written
+reference (tools/reference_statevector.py) is timed in the same process and every time is also
+printed as a multiple of it.
+
+The circuit per row, as in models.py (4 qubits, 5 layers, gate angles are the inputs)::
+
+    for l in 0..4: Rx Ry Rz(theta[l, q]) on each qubit; CZ ring; Rx(a[l, q]) on each qubit
+    final:         Rx Ry Rz(theta[5, q]);  readout <Z0 Z1 Z2 Z3>
+
+The angles are random (seeded), 72 variational and 20 encoding angles per row. The issue's peer
+numbers (TensorFlow Quantum 0.7.6 and Qiskit ML 0.9.1, one thread, 2-core x86-64 machine) were
+measured this way; this script was written for their reproduction and has not been run in the
+project's own environment, where neither peer is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+N_QUBITS, N_LAYERS = 4, 5
+N_THETA = (N_LAYERS + 1) * N_QUBITS * 3
+N_ANGLES = N_THETA + N_LAYERS * N_QUBITS
+
+
+def median_s(fn, budget_s: float = 2.0, min_calls: int = 3) -> float:
+    fn()  # warm-up (graph building, compilation)
+    times: list[float] = []
+    while len(times) < min_calls or sum(times) < budget_s:
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+        if times[-1] > 30:
+            break
+    return statistics.median(times)
+
+
+def gate_layout():
+    """[(kind, qubit or pair, angle index)] of the circuit above."""
+    ops = []
+    for layer in range(N_LAYERS):
+        ops += [(k, q, (layer * N_QUBITS + q) * 3 + a) for q in range(N_QUBITS) for a, k in enumerate(("rx", "ry", "rz"))]
+        ops += [("cz", (q, (q + 1) % N_QUBITS), None) for q in range(N_QUBITS)]
+        ops += [("rx", q, N_THETA + layer * N_QUBITS + q) for q in range(N_QUBITS)]
+    ops += [(k, q, (N_LAYERS * N_QUBITS + q) * 3 + a) for q in range(N_QUBITS) for a, k in enumerate(("rx", "ry", "rz"))]
+    return ops
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def time_tfq(angles: np.ndarray, weights: np.ndarray) -> dict[str, float]:
+    import cirq
+    import sympy
+    import tensorflow as tf
+    import tensorflow_quantum as tfq
+
+    qubits = cirq.GridQubit.rect(1, N_QUBITS)
+    symbols = sympy.symbols(f"a0:{N_ANGLES}")
+    gate = {"rx": cirq.rx, "ry": cirq.ry, "rz": cirq.rz}
+    circuit = cirq.Circuit()
+    for kind, where, idx in gate_layout():
+        if kind == "cz":
+            circuit.append(cirq.CZ(qubits[where[0]], qubits[where[1]]))
+        else:
+            circuit.append(gate[kind](symbols[idx])(qubits[where]))
+    observable = cirq.Z(qubits[0]) * cirq.Z(qubits[1]) * cirq.Z(qubits[2]) * cirq.Z(qubits[3])
+    names = [str(s) for s in symbols]
+    layer = tfq.layers.Expectation()  # analytic expectation, adjoint differentiator
+
+    def run(n: int, grad: bool):
+        circuits = tfq.convert_to_tensor([circuit] * n)
+        operators = tfq.convert_to_tensor([[observable]] * n)
+        values = tf.constant(angles[:n], dtype=tf.float32)  # TFQ's symbol values are float32
+        w = tf.constant(weights[:n, None], dtype=tf.float32)
+        if not grad:
+            return layer(circuits, symbol_names=names, symbol_values=values, operators=operators)
+        with tf.GradientTape() as tape:
+            tape.watch(values)
+            loss = tf.reduce_sum(w * layer(circuits, symbol_names=names, symbol_values=values, operators=operators))
+        return tape.gradient(loss, values)
+
+    return {"forward_10_s": median_s(lambda: run(10, False)), "forward_1000_s": median_s(lambda: run(1000, False)),
+            "gradient_1000_s": median_s(lambda: run(1000, True))}
+
+
+def time_qiskit(angles: np.ndarray, weights: np.ndarray, gradient_rows: int) -> dict[str, float]:
+    from qiskit import QuantumCircuit
+    from qiskit.circuit import ParameterVector
+    from qiskit.primitives import StatevectorEstimator
+    from qiskit.quantum_info import SparsePauliOp
+    from qiskit_machine_learning.neural_networks import EstimatorQNN
+
+    params = ParameterVector("a", N_ANGLES)
+    qc = QuantumCircuit(N_QUBITS)
+    for kind, where, idx in gate_layout():
+        if kind == "cz":
+            qc.cz(*where)
+        else:
+            getattr(qc, kind)(params[idx], where)
+    # Qiskit orders qubits little-endian; a product of Z on all four is the same either way.
+    qnn = EstimatorQNN(circuit=qc, observables=SparsePauliOp("ZZZZ"), input_params=list(params), weight_params=[],
+                       estimator=StatevectorEstimator(), input_gradients=True)
+    empty = np.zeros(0)
+
+    def gradient():
+        grad_inputs, _ = qnn.backward(angles[:gradient_rows], empty)  # (rows, 1, 92), no weights
+        return (weights[:gradient_rows, None, None] * grad_inputs).sum(1)
+
+    return {"forward_10_s": median_s(lambda: qnn.forward(angles[:10], empty)),
+            "forward_1000_s": median_s(lambda: qnn.forward(angles, empty), budget_s=0, min_calls=1),
+            "gradient_1000_s": median_s(gradient, budget_s=0, min_calls=1) * len(angles) / gradient_rows}
+
+
+def time_reference(angles: np.ndarray, weights: np.ndarray) -> dict[str, float]:
+    """The hand-written reference policy: the same circuit with random weights on random observations
+    (its gate angles differ from ``angles``, its cost does not), and a REINFORCE-weighted gradient."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tools import reference_statevector as rs
+
+    policy = rs.ReferencePolicy(rs.Layout(N_QUBITS, N_LAYERS, N_QUBITS, ((1.0, (0, 1, 2, 3)), (-1.0, (0, 1, 2, 3)))), scan=False)
+    rng = np.random.default_rng(1)
+    params = {"theta": rng.uniform(0, np.pi, (N_LAYERS + 1, N_QUBITS, 3)), "input_scaling": np.ones((N_LAYERS, N_QUBITS)),
+              "output_weights": np.ones(2)}
+    obs = rng.normal(size=(len(angles), N_QUBITS))
+    actions = rng.integers(0, 2, len(angles))
+    return {"forward_10_s": median_s(lambda: policy.forward(params, obs[:10])),
+            "forward_1000_s": median_s(lambda: policy.forward(params, obs)),
+            "gradient_1000_s": median_s(lambda: policy.loss_and_grad(params, obs, actions, weights, 10))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stacks", nargs="+", choices=("tfq", "qiskit", "reference"), default=["tfq", "qiskit", "reference"])
+    parser.add_argument("--qiskit-gradient-rows", type=int, default=10, help="rows whose parameter-shift gradient is timed")
+    args = parser.parse_args(argv)
+    rng = np.random.default_rng(0)
+    angles = rng.uniform(0, 2 * np.pi, (1000, N_ANGLES))
+    weights = rng.normal(size=1000)
+    results = {}
+    for stack in args.stacks:
+        try:
+            if stack == "tfq":
+                results[stack] = time_tfq(angles, weights)
+            elif stack == "qiskit":
+                results[stack] = time_qiskit(angles, weights, args.qiskit_gradient_rows)
+            else:
+                results[stack] = time_reference(angles, weights)
+        except ImportError as exc:
+            print(f"{stack}: not installed here ({exc.name}); skipped", file=sys.stderr)
+    limit = results.get("reference")
+    print("| stack | forward, batch 10 | forward, batch 1000 | gradient, 1000 rows |")
+    print("|---|---|---|---|")
+    for stack, times in results.items():
+        cells = []
+        for key in ("forward_10_s", "forward_1000_s", "gradient_1000_s"):
+            cell = f"{1e3 * times[key]:.3g} ms"
+            if limit and stack != "reference":
+                cell += f" (x{times[key] / limit[key]:.3g} limit)"
+            cells.append(cell)
+        print(f"| {stack} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
