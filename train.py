@@ -140,9 +140,10 @@ def learning_curve_figure(returns: list[float], title: str):
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     episodes = np.arange(len(returns))
-    ax.plot(episodes, returns, lw=0.8, alpha=0.5, label="episode return")
+    marker = "o" if len(returns) <= 20 else None  # a short run's points stay visible
+    ax.plot(episodes, returns, lw=0.8, alpha=0.5, marker=marker, ms=3, label="episode return")
     avg = [np.mean(returns[max(0, i - 9) : i + 1]) for i in range(len(returns))]
-    ax.plot(episodes, avg, lw=1.8, label="mean of last 10")
+    ax.plot(episodes, avg, lw=1.8, marker=marker, ms=4, label="mean of last 10")
     ax.set(xlabel="episode", ylabel="return", title=title)
     ax.legend(loc="upper left")
     fig.tight_layout()

@@ -27,7 +27,7 @@ def run_py(tmp_path, experiments, *args, defaults=TINY):
                           capture_output=True, text=True, timeout=600, env=env)
 
 
-def test_a_sweep_in_mlflow_reads_as_model_training_with_notes_sources_and_short_headline_metrics(tmp_path):
+def test_a_sweep_in_mlflow_reads_as_model_training_with_notes_sources_and_short_headline_metrics(tmp_path, monkeypatch):
     proc = run_py(tmp_path, [{"name": "mlp", "backend": "classical", "gradient": "backprop"},
                              {"name": "tc", "backend": "tensorcircuit", "gradient": "backprop"},
                              {"name": "tc_spsa", "backend": "tensorcircuit", "gradient": "spsa"},
@@ -63,7 +63,9 @@ def test_a_sweep_in_mlflow_reads_as_model_training_with_notes_sources_and_short_
 
     from models import build_model
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which later tests' sweeps would inherit
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
     obs = torch.linspace(-1, 1, 12, dtype=torch.float64).reshape(3, 4)
     for name, backend, gradient in (("mlp-seed0", "classical", "backprop"), ("tc-seed0", "tensorcircuit", "backprop"),
                                     ("pl_adjoint-seed0", "pennylane", "adjoint")):

@@ -1,6 +1,6 @@
 """The re-uploading policy as a hand-written batched state vector in jax: the speed limit and an oracle.
 
-Written from the circuit's description (models.py's module docstring, DESIGN.md section 5), not
+Written from the circuit's description (models.py's module docstring, docs/CONVENTIONS.md §4), not
 from :meth:`models.CircuitSpec.gates`, so that a mistake in the shared gate list cannot hide in
 both the backends and this reference. For ``n`` qubits, ``L`` layers and ``d`` inputs::
 
