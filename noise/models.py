@@ -1,0 +1,381 @@
+"""Fidelity models of a pulse under a task's noise: where the pulse meets the PSD.
+
+Units and conventions of DESIGN.md section 6 (T = 1 by default; rates and frequencies in 1/T).
+The qubit, in the rotating frame, with classical Gaussian noise::
+
+    H(t) = ((delta + xi(t))/2) sz + ((u_x(t) + eta_x(t))/2) sx + ((u_y(t) + eta_y(t))/2) sy
+
+- ``xi``: dephasing noise, stationary Gaussian with the task's two-sided PSD S(omega),
+  <xi(t) xi(0)> = (1/pi) int_0^inf S(omega) cos(omega t) d omega (colored, any shape).
+- ``eta_x, eta_y``: the transverse (relaxation) noise seen in the rotating frame. With the qubit
+  frequency omega0 well above the largest Rabi frequency (validated by :func:`check_drive`) the
+  transverse spectrum is flat over omega0 +- Omega, so eta_x, eta_y are independent white noises
+  of PSD 2 Gamma each, Gamma = Gamma_down = Gamma_up = c^2 S(omega0)/4 (golden rule). This is the
+  same dissipator as sqrt(Gamma) s-, sqrt(Gamma) s+, since D[s-] + D[s+] = (D[sx] + D[sy])/2.
+
+Three models (``simulation``):
+
+- ``markovian``: today's model. One Lindblad rate gamma_phi = chi_Ramsey(T)/T per task, the same
+  for every pulse (noise/lindblad.py), exact Liouvillian propagation (noise/simulator.py).
+- ``filter_function``: first order in the noise, in the toggling frame of the noiseless evolution
+  U0(t) (controls AND the task's detuning): with R(t) the Bloch vector of U0^+(t) sz U0(t), the
+  error unitary U0(T)^+ U(T) = exp(-i a.sigma), a_j = (1/2) int_0^T xi(t) R_j(t) dt, has the
+  covariance::
+
+      Sigma_ij = <a_i a_j> = (1/4) int int R_i(t) C(t - t') R_j(t') dt dt'
+               = (1/(4 pi)) int_0^inf S(omega) Re[R~_i(omega) R~_j(omega)^*] d omega,
+
+  R~ = int R e^{i omega t} dt (so Re[R~ R~^+] is the pulse's own filter function). It is evaluated in
+  the time domain on ``n_steps`` fine steps of width dt: R at the step midpoints and the exact
+  covariance of the step integrals X_j = int_step xi dt (:func:`step_covariance`, all frequencies
+  from 0 to infinity, quasi-static part included); white noise therefore gives exactly S0/2. The
+  transverse noise adds (Gamma dt / 2) sum_j (R^x_j R^x_j^T + R^y_j R^y_j^T). The channel is
+  S_{U0(T)} exp(G), G rho = sum_ij Sigma_ij sigma_i rho sigma_j - tr(Sigma) rho (CPTP; to first
+  order 1 - F_e = tr Sigma, 1 - F_avg = (2/3) tr Sigma). Neglected: O(xi^3) and the mean of the
+  second Magnus term, which only matters together with a coherent error. Valid while the noise
+  infidelity (2/3) tr Sigma is small (about 0.05 or less): :meth:`FilterFunctionModel.noise_infidelity`.
+- ``trajectories``: Monte Carlo, exact at any strength. Per trajectory the step integrals
+  X_j of xi are drawn from their exact joint Gaussian law (covariance :func:`step_covariance`,
+  factorised once per task), eta from its white law; every fine step is the exact SU(2)
+  exp(-i phi.sigma/2), phi = (u_x dt + X^x_j, u_y dt + X^y_j, delta dt + X^z_j). The channel is the
+  mean of U^* kron U over the trajectories; F is the mean of the per-trajectory fidelities, its
+  standard error std/sqrt(K). The standard normal draws are fixed per task (common random numbers:
+  every pulse and every inner step of a task sees the same noise realisations).
+
+Both non-Markovian models are batched over tasks, float64 / complex128, differentiable with
+autograd in the controls, and run on the device of the controls.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from noise.lindblad import _gauss_legendre
+from noise.psd import NoiseParameters
+from noise.simulator import CDTYPE, SX, SY, SZ, kron, simulate, unitary_superop
+
+SIMULATIONS = ("trajectories", "filter_function", "markovian")
+#: omega0 must be at least this many times the largest Rabi frequency sqrt(2) max_amplitude.
+DRIVE_MARGIN = 10.0
+#: A fine step must resolve the drive and the PSD corner: dt * max(Omega_max, omega_c) at most this.
+STEP_RESOLUTION = 0.25
+MIN_TRAJECTORIES = 64
+#: First-order (filter-function) noise infidelities above this are outside the model's validity.
+FF_VALIDITY = 0.05
+
+
+def check_drive(omega0: float, max_amplitude: float) -> None:
+    """Raise ValueError unless omega0 >= DRIVE_MARGIN * sqrt(2) * max_amplitude (rotating-wave
+    relaxation with one rate per task needs a qubit frequency well above every Rabi frequency)."""
+    rabi = math.sqrt(2) * max_amplitude
+    if omega0 < DRIVE_MARGIN * rabi:
+        raise ValueError(
+            f"omega0 = {omega0:g}/T is not well above the largest Rabi frequency sqrt(2) max_amplitude = {rabi:.3g}/T; "
+            f"need omega0 >= {DRIVE_MARGIN * rabi:.4g} (or a smaller max_amplitude)"
+        )
+
+
+def min_time_steps(max_amplitude: float, omega_c_max: float, T: float = 1.0) -> int:
+    """Fewest fine steps with dt * max(sqrt(2) max_amplitude, omega_c_max) <= STEP_RESOLUTION."""
+    fastest = max(math.sqrt(2) * max_amplitude, omega_c_max)
+    return math.ceil(fastest * T / STEP_RESOLUTION)
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise statistics on the fine time grid
+
+
+class StepCovariance:
+    """Autocovariance of the step integrals X_j = int_{j dt}^{(j+1) dt} xi(t) dt, dt = T/n_steps::
+
+        c_m = Cov(X_j, X_{j+m}) = (1/pi) int_0^inf S(omega) [4 sin^2(omega dt/2) / omega^2] cos(omega m dt) d omega
+
+    (units 1/T * T^2 = T: X is a phase in radians). Composite Gauss-Legendre on fixed nodes, the
+    layout of :class:`noise.lindblad.PSDToLindblad` (log panels from 1e-9/T to 1/T, panels of width
+    pi/(2T) up to ``omega_max``), and above ``omega_max`` the bracket replaced by its mean over
+    the oscillation (2 for m = 0, -1 for m = 1, 0 beyond), times int S/omega^2. White noise S0
+    gives c_0 = S0 dt and c_m = 0 (tested)."""
+
+    def __init__(self, n_steps: int, T: float = 1.0, omega_max: float | None = None, order: int = 8):
+        if n_steps < 1 or T <= 0:
+            raise ValueError(f"need n_steps >= 1 and T > 0, got {n_steps}, {T}")
+        self.n_steps, self.T = n_steps, T
+        dt = T / n_steps
+        omega_max = omega_max or max(2000.0, 40.0 / dt) / T
+        low = np.concatenate([[0.0], np.logspace(-9, 0, 9 * 6 + 1)]) / T
+        width = math.pi / (2 * T)
+        mid = np.arange(low[-1], omega_max + width / 2, width)
+        nodes, w = _gauss_legendre(np.concatenate([low, mid[1:]]), order)
+        m = np.arange(n_steps)
+        bracket = dt**2 * np.sinc(nodes * dt / (2 * math.pi)) ** 2  # 4 sin^2(w dt/2)/w^2, stable at w -> 0
+        body = (w * bracket)[None, :] * np.cos(np.outer(m, nodes) * dt)  # (n_steps, nodes)
+        u, wu = _gauss_legendre(np.linspace(0.0, 1.0, 9), order)
+        tail_nodes = omega_max / u
+        tail_mean = np.zeros(n_steps)
+        tail_mean[0] = 2.0
+        if n_steps > 1:
+            tail_mean[1] = -1.0
+        tail = np.outer(tail_mean, wu / omega_max)  # int_{omega_max}^inf S/omega^2 = (1/omega_max) int_0^1 S(omega_max/u) du
+        # the oscillating rest, to leading order: int_W^inf g(w) cos(a w) dw = -g(W) sin(a W)/a + O(g'/a^2), g = S/w^2,
+        # for the three cosines of 4 sin^2(x/2) cos(m x) = 2 cos(m x) - cos((m+1) x) - cos((m-1) x), x = w dt
+        edge = np.zeros(n_steps)
+        for k, coef in ((m, 2.0), (m + 1, -1.0), (m - 1, -1.0)):
+            a = np.abs(k) * dt
+            safe = np.where(a > 0, a, 1.0)
+            edge += np.where(a > 0, -coef * np.sin(safe * omega_max) / safe, 0.0)
+        edge /= omega_max**2
+        self.nodes = np.concatenate([nodes, tail_nodes, [omega_max]])
+        self.weights = np.concatenate([body, tail, edge[:, None]], axis=1) / math.pi  # (n_steps, all nodes)
+
+    def autocovariance(self, tasks: list[NoiseParameters], psd_model: str | None = None) -> np.ndarray:
+        """(B, n_steps): c_0 .. c_{n-1} per task."""
+        s = np.stack([t.psd(self.nodes, psd_model) for t in tasks])
+        return s @ self.weights.T
+
+    def matrix(self, tasks: list[NoiseParameters], psd_model: str | None = None) -> np.ndarray:
+        """(B, n, n) Toeplitz covariance matrices Cov(X_j, X_k) = c_|j-k|."""
+        c = self.autocovariance(tasks, psd_model)
+        idx = np.abs(np.arange(self.n_steps)[:, None] - np.arange(self.n_steps)[None, :])
+        return c[:, idx]
+
+
+# ---------------------------------------------------------------------------------------------
+# SU(2) as unit quaternions: U = q0 I - i (q1 sx + q2 sy + q3 sz), all real float64
+
+
+def rotation_quaternion(phi: torch.Tensor) -> torch.Tensor:
+    """exp(-i phi.sigma/2) for rotation vectors phi (..., 3): (..., 4) = (cos|phi|/2, sin(|phi|/2) phi/|phi|)."""
+    norm = torch.sqrt((phi * phi).sum(-1).clamp_min(1e-300))
+    half_sinc = 0.5 * torch.sinc(norm / (2 * math.pi))  # sin(|phi|/2)/|phi|, smooth at 0
+    return torch.cat([torch.cos(norm / 2)[..., None], half_sinc[..., None] * phi], dim=-1)
+
+
+def quaternion_product(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The SU(2) product P Q: (p0 q0 - p.q, p0 q + q0 p + p x q)."""
+    p0, pv = p[..., :1], p[..., 1:]
+    q0, qv = q[..., :1], q[..., 1:]
+    scalar = p0 * q0 - (pv * qv).sum(-1, keepdim=True)
+    vector = p0 * qv + q0 * pv + torch.linalg.cross(pv, qv, dim=-1)
+    return torch.cat([scalar, vector], dim=-1)
+
+
+def ordered_product(q: torch.Tensor) -> torch.Tensor:
+    """q[..., M-1, :] ... q[..., 1, :] q[..., 0, :] (time-ordered, later on the left), by pairwise
+    tree reduction: log2(M) batched products instead of M sequential ones."""
+    while q.shape[-2] > 1:
+        if q.shape[-2] % 2:
+            identity = torch.zeros_like(q[..., :1, :])
+            identity[..., 0] = 1.0
+            q = torch.cat([q, identity], dim=-2)
+        q = quaternion_product(q[..., 1::2, :], q[..., 0::2, :])
+    return q[..., 0, :]
+
+
+def heisenberg_rotate(q: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Bloch vector of U^+ (a.sigma) U for U = q0 - i q.sigma: (q0^2 - |q|^2) a + 2 (q.a) q - 2 q0 (q x a)."""
+    q0, qv = q[..., :1], q[..., 1:]
+    a = a.expand_as(qv)
+    return (q0**2 - (qv * qv).sum(-1, keepdim=True)) * a + 2 * (qv * a).sum(-1, keepdim=True) * qv - 2 * q0 * torch.linalg.cross(qv, a, dim=-1)
+
+
+def quaternion_to_unitary(q: torch.Tensor) -> torch.Tensor:
+    """(..., 4) -> (..., 2, 2) complex128: q0 I - i (q1 sx + q2 sy + q3 sz)."""
+    q0, q1, q2, q3 = (q[..., k] for k in range(4))
+    row0 = torch.stack([torch.complex(q0, -q3), torch.complex(-q2, -q1)], dim=-1)
+    row1 = torch.stack([torch.complex(q2, -q1), torch.complex(q0, q3)], dim=-1)
+    return torch.stack([row0, row1], dim=-2)
+
+
+def _segment_vectors(controls: torch.Tensor, detuning: torch.Tensor) -> torch.Tensor:
+    """(B, N, 3) = (u_x, u_y, delta) per segment, float64."""
+    b, n, _ = controls.shape
+    u = controls.to(torch.float64)
+    delta = detuning.to(torch.float64).to(u.device).reshape(b, 1, 1).expand(b, n, 1)
+    return torch.cat([u, delta], dim=-1)
+
+
+def _check_controls(controls: torch.Tensor, n_steps: int) -> int:
+    if controls.dim() != 3 or controls.shape[-1] != 2:
+        raise ValueError(f"controls must have shape (B, N, 2), got {tuple(controls.shape)}")
+    n = controls.shape[1]
+    if n_steps % n:
+        raise ValueError(f"time_steps {n_steps} must be a multiple of the number of segments {n}")
+    return n_steps // n
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+@dataclass(frozen=True)
+class NoiseBatch:
+    """What a model needs per task, on one device: rates (B,), detuning (B,), and model data
+    (filter_function: the (B, n, n) step covariance; trajectories: the (B, K, n, 3) noise step
+    integrals; markovian: None)."""
+
+    gamma_phi: torch.Tensor
+    gamma_down: torch.Tensor
+    gamma_up: torch.Tensor
+    detuning: torch.Tensor
+    data: torch.Tensor | None
+
+    def select(self, index: torch.Tensor) -> NoiseBatch:
+        index = index.to(self.gamma_phi.device)
+        data = None if self.data is None else self.data[index.to(self.data.device)]
+        return NoiseBatch(self.gamma_phi[index], self.gamma_down[index], self.gamma_up[index], self.detuning[index], data)
+
+
+class FidelityModel:
+    """A fidelity model: ``prepare`` turns tasks into a :class:`NoiseBatch` once per task batch,
+    ``channel`` maps controls (B, N, 2) to the (B, 4, 4) superoperator (column-stacking vec)."""
+
+    name: str = ""
+    T: float = 1.0
+    n_steps: int = 0
+
+    def data(self, tasks: list[NoiseParameters], gamma_down: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
+        return None
+
+    def prepare(self, tasks: list[NoiseParameters], gamma_phi, gamma_down, gamma_up, rng: np.random.Generator,
+                device: torch.device | str = "cpu") -> NoiseBatch:
+        def t(x):
+            return torch.as_tensor(np.asarray(x, dtype=np.float64), dtype=torch.float64, device=device)
+
+        data = self.data(tasks, np.asarray(gamma_down, dtype=np.float64), rng)
+        return NoiseBatch(t(gamma_phi), t(gamma_down), t(gamma_up), t([task.detuning for task in tasks]),
+                          None if data is None else t(data))
+
+    def channel(self, controls: torch.Tensor, noise: NoiseBatch) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class MarkovianModel(FidelityModel):
+    """One Ramsey-filter Lindblad rate per task, independent of the pulse (the earlier model)."""
+
+    name = "markovian"
+
+    def __init__(self, T: float = 1.0):
+        self.T = T
+
+    def channel(self, controls: torch.Tensor, noise: NoiseBatch) -> torch.Tensor:
+        return simulate(controls, noise.gamma_phi, noise.gamma_down, noise.gamma_up, noise.detuning, self.T)
+
+
+class _FineGrid(FidelityModel):
+    def __init__(self, n_steps: int, T: float = 1.0, psd_model: str | None = None):
+        self.n_steps, self.T, self.psd_model = n_steps, T, psd_model
+        self.covariance = StepCovariance(n_steps, T)
+
+    @property
+    def dt(self) -> float:
+        return self.T / self.n_steps
+
+
+class FilterFunctionModel(_FineGrid):
+    """First-order filter-function model (module docstring); ``data`` = the step covariance matrix."""
+
+    name = "filter_function"
+
+    def data(self, tasks, gamma_down, rng):
+        return self.covariance.matrix(tasks, self.psd_model)
+
+    def toggling_frame(self, controls: torch.Tensor, detuning: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U0(T) as a quaternion (B, 4), frames (B, n_steps, 3, 3)): row k of frames[:, j] is the Bloch
+        vector of U0^+ sigma_k U0 (k = x, y, z) at the midpoint of fine step j."""
+        s = _check_controls(controls, self.n_steps)
+        b, n, _ = controls.shape
+        h = _segment_vectors(controls, detuning)  # (B, N, 3)
+        seg = self.T / n
+        full = rotation_quaternion(h * seg)  # (B, N, 4)
+        starts = [torch.zeros(b, 4, dtype=torch.float64, device=h.device)]
+        starts[0][:, 0] = 1.0
+        for j in range(n):
+            starts.append(quaternion_product(full[:, j], starts[-1]))
+        start = torch.stack(starts[:-1], dim=1)  # U0 at each segment start (B, N, 4)
+        taus = (torch.arange(s, dtype=torch.float64, device=h.device) + 0.5) * self.dt
+        partial = rotation_quaternion(h[:, :, None, :] * taus[None, None, :, None])  # (B, N, s, 4)
+        mids = quaternion_product(partial, start[:, :, None, :]).reshape(b, n * s, 4)
+        axes = torch.eye(3, dtype=torch.float64, device=h.device)
+        frames = torch.stack([heisenberg_rotate(mids, axes[k]) for k in range(3)], dim=-2)  # (B, M, 3, 3)
+        return starts[-1], frames
+
+    def sigma(self, frames: torch.Tensor, noise: NoiseBatch) -> torch.Tensor:
+        """Sigma (B, 3, 3) of the error vector a: dephasing (1/4) R_z^T C R_z + transverse (Gamma dt/2) sum R R^T."""
+        rz = frames[..., 2, :]  # (B, M, 3)
+        cov = noise.data.to(rz.device)
+        sigma = 0.25 * torch.einsum("bmi,bmn,bnj->bij", rz, cov, rz)
+        transverse = frames[..., 0, :].transpose(1, 2) @ frames[..., 0, :] + frames[..., 1, :].transpose(1, 2) @ frames[..., 1, :]
+        return sigma + (noise.gamma_down * self.dt / 2)[:, None, None] * transverse
+
+    def noise_infidelity(self, controls: torch.Tensor, noise: NoiseBatch) -> torch.Tensor:
+        """First-order infidelity from the noise alone, 1 - F_avg = (2/3) tr Sigma (B,)."""
+        _, frames = self.toggling_frame(controls, noise.detuning)
+        return (2.0 / 3.0) * torch.diagonal(self.sigma(frames, noise), dim1=-2, dim2=-1).sum(-1)
+
+    def channel(self, controls: torch.Tensor, noise: NoiseBatch) -> torch.Tensor:
+        final, frames = self.toggling_frame(controls, noise.detuning)
+        sigma = self.sigma(frames, noise).to(CDTYPE)
+        paulis = torch.stack([SX, SY, SZ]).to(controls.device)
+        # sum_ij Sigma_ij (sigma_j^T kron sigma_i) - tr(Sigma) I
+        basis = torch.stack([torch.stack([kron(paulis[j].T, paulis[i]) for j in range(3)]) for i in range(3)])  # (i, j, 4, 4)
+        trace = torch.diagonal(sigma, dim1=-2, dim2=-1).sum(-1)
+        generator = torch.einsum("bij,ijkl->bkl", sigma, basis) - trace[:, None, None] * torch.eye(4, dtype=CDTYPE, device=controls.device)
+        return unitary_superop(quaternion_to_unitary(final)) @ torch.linalg.matrix_exp(generator)
+
+
+class TrajectoryModel(_FineGrid):
+    """Monte Carlo over Gaussian noise trajectories (module docstring); ``data`` = the (B, K, n, 3)
+    step integrals (X^x, X^y, X^z), fixed per task (common random numbers)."""
+
+    name = "trajectories"
+
+    def __init__(self, n_steps: int, n_trajectories: int, T: float = 1.0, psd_model: str | None = None):
+        super().__init__(n_steps, T, psd_model)
+        if n_trajectories < 2:
+            raise ValueError(f"need at least 2 trajectories for a standard error, got {n_trajectories}")
+        self.n_trajectories = n_trajectories
+
+    def data(self, tasks, gamma_down, rng):
+        cov = self.covariance.matrix(tasks, self.psd_model)
+        w, v = np.linalg.eigh(cov)  # cov = V diag(w) V^T; rounding can leave tiny negative eigenvalues
+        factor = v * np.sqrt(np.clip(w, 0.0, None))[:, None, :]
+        b, n, k = len(tasks), self.n_steps, self.n_trajectories
+        z = rng.standard_normal((b, k, n, 3))
+        out = np.empty_like(z)
+        out[..., 2] = np.einsum("bij,bkj->bki", factor, z[..., 2])
+        out[..., :2] = np.sqrt(2 * gamma_down * self.dt)[:, None, None, None] * z[..., :2]
+        return out
+
+    def unitaries(self, controls: torch.Tensor, noise: NoiseBatch) -> torch.Tensor:
+        """Per-trajectory final SU(2) as quaternions (B, K, 4)."""
+        s = _check_controls(controls, self.n_steps)
+        h = _segment_vectors(controls, noise.detuning).repeat_interleave(s, dim=1)  # (B, M, 3)
+        phi = h[:, None] * self.dt + noise.data.to(h.device)  # (B, K, M, 3)
+        return ordered_product(rotation_quaternion(phi))
+
+    def channel(self, controls: torch.Tensor, noise: NoiseBatch) -> torch.Tensor:
+        u = quaternion_to_unitary(self.unitaries(controls, noise))  # (B, K, 2, 2)
+        mean = torch.einsum("bkij,bkml->bimjl", u.conj(), u) / u.shape[1]
+        return mean.reshape(u.shape[0], 4, 4)
+
+    def fidelity_samples(self, controls: torch.Tensor, noise: NoiseBatch, target: torch.Tensor) -> torch.Tensor:
+        """Per-trajectory average gate fidelities (B, K): (2 |Tr(V^+ U_k)/2|^2 + 1)/3."""
+        u = quaternion_to_unitary(self.unitaries(controls, noise))
+        overlap = torch.einsum("ij,bkij->bk", target.to(u.device).conj(), u) / 2
+        return (2 * overlap.abs() ** 2 + 1) / 3
+
+
+def build_model(simulation: str, n_steps: int = 100, n_trajectories: int = 1000, T: float = 1.0,
+                psd_model: str | None = None) -> FidelityModel:
+    """The fidelity model named ``simulation`` (one of SIMULATIONS)."""
+    if simulation == "markovian":
+        return MarkovianModel(T)
+    if simulation == "filter_function":
+        return FilterFunctionModel(n_steps, T, psd_model)
+    if simulation == "trajectories":
+        return TrajectoryModel(n_steps, n_trajectories, T, psd_model)
+    raise ValueError(f"simulation {simulation!r}; allowed: {', '.join(SIMULATIONS)}")
