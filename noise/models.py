@@ -346,7 +346,7 @@ class TrajectoryModel(_FineGrid):
         b, n, k = len(tasks), self.n_steps, self.n_trajectories
         z = rng.standard_normal((b, k, n, 3))
         out = np.empty_like(z)
-        out[..., 2] = np.einsum("bij,bkj->bki", factor, z[..., 2])
+        out[..., 2] = z[..., 2] @ factor.transpose(0, 2, 1)  # (B, K, n) @ (B, n, n): BLAS
         out[..., :2] = np.sqrt(2 * gamma_down * self.dt)[:, None, None, None] * z[..., :2]
         return out
 

@@ -18,9 +18,10 @@ from noise.simulator import average_gate_fidelity
 DETERMINISTIC_SUPPORT = {"states": 6, "shots": 0}  # exact: equals the query loss in value
 
 
-def setup(backend="classical", support=None, n_tasks=3, seed=0, **extra):
+def setup(backend="classical", support=None, n_tasks=3, seed=0, meta_noise=None, **extra):
     meta = {"n_segments": 4, "support": support or DETERMINISTIC_SUPPORT,
-            "noise": {"ranges": {"alpha": [0.5, 2.0], "A": [0.03, 1.5], "omega_c": [0.1, 10.0], "detuning": [-1.0, 1.0]}}}
+            "noise": {"ranges": {"alpha": [0.5, 2.0], "A": [0.03, 1.5], "omega_c": [0.1, 10.0], "detuning": [-1.0, 1.0]},
+                      **(meta_noise or {})}}
     exp = experiment(task="qubit_meta", backend=backend, gradient=extra.pop("gradient", "backprop"),
                      algorithm=extra.pop("algorithm", "fomaml"),
                      model={"n_qubits": 2, "n_layers": 1, "hidden_sizes": [6]}, meta=meta,
@@ -174,6 +175,18 @@ def test_range_scale_shrinks_about_the_centre():
         ({"backend": "classical", "gradient": "backprop", "meta": {"noise": {"model_types": ["double_exp"]}}}, "A2 and omega_c2"),
         ({"backend": "classical", "gradient": "backprop", "meta": {"support": {"states": 7}}}, "support.states"),
         ({"backend": "classical", "gradient": "backprop", "meta": {"eval": {"k_values": [5, 1]}}}, "k_values"),
+        ({"backend": "classical", "gradient": "backprop", "meta": {"noise": {"simulation": "exact"}}},
+         "'trajectories', 'filter_function' or 'markovian'"),
+        ({"backend": "classical", "gradient": "backprop", "meta": {"noise": {"time_steps": 20}}}, "noise.time_steps: 20 steps do not resolve"),
+        ({"backend": "classical", "gradient": "backprop", "meta": {"noise": {"time_steps": 105}}}, "not a multiple of n_segments 10"),
+        ({"backend": "classical", "gradient": "backprop", "meta": {"noise": {"simulation": "trajectories", "trajectories": 10}}},
+         "noise.trajectories: 10 is too few"),
+        ({"backend": "classical", "gradient": "backprop", "meta": {"noise": {"omega0": 5.0}}}, "not well above the largest Rabi frequency"),
+        ({"backend": "classical", "gradient": "backprop", "meta": {"noise": {"sequence": "echo"}}}, "field 'sequence' was removed"),
+        ({"backend": "classical", "gradient": "backprop",
+          "meta": {"noise": {"ranges": {"alpha": [0.5, 2], "A": [0.1, 1], "gamma_phi": [0.01, 0.1], "omega_c": [1, 2]}}}}, "exactly one strength"),
+        ({"backend": "classical", "gradient": "backprop",
+          "meta": {"noise": {"ranges": {"alpha": [0.5, 2], "gamma_phi": [0.1, 0.01], "omega_c": [1, 2]}}}}, "ranges.gamma_phi: need low <= high"),
     ],
 )
 def test_invalid_qubit_meta_configs_are_one_line_errors(fields, message):
@@ -224,3 +237,11 @@ def test_qubit_meta_runs_pass_on_every_backend(tmp_path):
         assert {"fidelity_vs_k.png", "fidelity_by_model.png", "learning_curve.png", "model"} <= artifacts
     parent = next(r for r in runs.values() if r.data.tags.get("kind") == "sweep")
     assert "gap_vs_variance.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_every_fidelity_model_runs_the_meta_losses_with_gradients():
+    for simulation in ("filter_function", "trajectories", "markovian"):
+        exp, policy, tasks, losses, theta = setup(meta_noise={"simulation": simulation, "time_steps": 40, "trajectories": 64})
+        assert tasks.model.name == simulation
+        g, info = meta_gradient("maml", losses, autograd(), theta, tasks, inner_steps=1, inner_lr=0.05)
+        assert torch.isfinite(g).all() and (g.abs() > 0).any() and 0 < info["query_loss_post"] < 1
