@@ -178,7 +178,7 @@ class NoiseConfig(_Strict):
     """Fidelity model (noise/models.py): filter_function (first order, the pulse's own filter
     function against the PSD), trajectories (Monte Carlo over Gaussian noise from the PSD, exact),
     markovian (one Ramsey-filter Lindblad rate per task, the same for every pulse)."""
-    time_steps: int = Field(100, ge=1, le=100_000)
+    time_steps: int = Field(50, ge=1, le=100_000)
     """Fine time steps per gate (filter_function, trajectories); a multiple of meta.n_segments,
     fine enough that dt * max(sqrt(2) max_amplitude, omega_c high) <= 0.25."""
     trajectories: int = Field(1000, ge=1, le=1_000_000)

@@ -327,9 +327,47 @@ class FilterFunctionModel(_FineGrid):
         return unitary_superop(quaternion_to_unitary(final)) @ torch.linalg.matrix_exp(generator)
 
 
+def _rotation_components(px: torch.Tensor, py: torch.Tensor, pz: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """:func:`rotation_quaternion` on separate component tensors (elementwise on contiguous slabs)."""
+    norm = torch.sqrt((px * px + py * py + pz * pz).clamp_min(1e-300))
+    k = 0.5 * torch.sinc(norm / (2 * math.pi))
+    return torch.cos(0.5 * norm), k * px, k * py, k * pz
+
+
+def _product_components(p: tuple[torch.Tensor, ...], q: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """:func:`quaternion_product` on component tuples."""
+    p0, p1, p2, p3 = p
+    q0, q1, q2, q3 = q
+    return (p0 * q0 - p1 * q1 - p2 * q2 - p3 * q3,
+            p0 * q1 + q0 * p1 + p2 * q3 - p3 * q2,
+            p0 * q2 + q0 * p2 + p3 * q1 - p1 * q3,
+            p0 * q3 + q0 * p3 + p1 * q2 - p2 * q1)
+
+
+def _ordered_components(q: tuple[torch.Tensor, ...], dim: int = 1) -> tuple[torch.Tensor, ...]:
+    """:func:`ordered_product` over ``dim`` (time) of component tuples, by pairwise tree reduction."""
+    while q[0].shape[dim] > 1:
+        if q[0].shape[dim] % 2:
+            pad = [torch.ones_like(q[0].narrow(dim, 0, 1))] + [torch.zeros_like(q[0].narrow(dim, 0, 1))] * 3
+            q = tuple(torch.cat([c, e], dim=dim) for c, e in zip(q, pad))
+        n = q[0].shape[dim]
+        later = tuple(c.narrow(dim, 1, n - 1)[(slice(None),) * dim + (slice(None, None, 2),)] for c in q)
+        earlier = tuple(c[(slice(None),) * dim + (slice(None, None, 2),)] for c in q)
+        q = _product_components(later, earlier)
+    return tuple(c.squeeze(dim) for c in q)
+
+
+def _unit_basis(device) -> torch.Tensor:
+    """E_a (4, 2, 2) with U = sum_a q_a E_a: I, -i sx, -i sy, -i sz."""
+    return torch.stack([torch.eye(2, dtype=CDTYPE), -1j * SX, -1j * SY, -1j * SZ]).to(device)
+
+
 class TrajectoryModel(_FineGrid):
-    """Monte Carlo over Gaussian noise trajectories (module docstring); ``data`` = the (B, K, n, 3)
-    step integrals (X^x, X^y, X^z), fixed per task (common random numbers)."""
+    """Monte Carlo over Gaussian noise trajectories (module docstring); ``data`` = the (B, 3, n, K)
+    step integrals (X^x, X^y, X^z) per fine step and trajectory, fixed per task (common random
+    numbers). All trajectory arithmetic is real, on contiguous (B, n, K) slabs per quaternion
+    component; the channel is assembled from the second moments <q_a q_b> over the trajectories:
+    mean U^* kron U = sum_ab <q_a q_b> E_a^* kron E_b."""
 
     name = "trajectories"
 
@@ -344,32 +382,40 @@ class TrajectoryModel(_FineGrid):
         w, v = np.linalg.eigh(cov)  # cov = V diag(w) V^T; rounding can leave tiny negative eigenvalues
         factor = v * np.sqrt(np.clip(w, 0.0, None))[:, None, :]
         b, n, k = len(tasks), self.n_steps, self.n_trajectories
-        z = rng.standard_normal((b, k, n, 3))
+        z = rng.standard_normal((b, 3, n, k))
         out = np.empty_like(z)
-        out[..., 2] = z[..., 2] @ factor.transpose(0, 2, 1)  # (B, K, n) @ (B, n, n): BLAS
-        out[..., :2] = np.sqrt(2 * gamma_down * self.dt)[:, None, None, None] * z[..., :2]
+        out[:, 2] = factor @ z[:, 2]  # (B, n, n) @ (B, n, K): correlated dephasing step integrals
+        out[:, :2] = np.sqrt(2 * gamma_down * self.dt)[:, None, None, None] * z[:, :2]  # white transverse noise
         return out
+
+    def _final(self, controls: torch.Tensor, noise: NoiseBatch) -> tuple[torch.Tensor, ...]:
+        """Per-trajectory final SU(2), as four (B, K) quaternion components."""
+        s = _check_controls(controls, self.n_steps)
+        h = _segment_vectors(controls, noise.detuning).repeat_interleave(s, dim=1) * self.dt  # (B, n, 3)
+        data = noise.data.to(h.device)
+        phi = [h[:, :, c, None] + data[:, c] for c in range(3)]  # (B, n, K) each
+        return _ordered_components(_rotation_components(*phi), dim=1)
 
     def unitaries(self, controls: torch.Tensor, noise: NoiseBatch) -> torch.Tensor:
         """Per-trajectory final SU(2) as quaternions (B, K, 4)."""
-        s = _check_controls(controls, self.n_steps)
-        h = _segment_vectors(controls, noise.detuning).repeat_interleave(s, dim=1)  # (B, M, 3)
-        phi = h[:, None] * self.dt + noise.data.to(h.device)  # (B, K, M, 3)
-        return ordered_product(rotation_quaternion(phi))
+        return torch.stack(self._final(controls, noise), dim=-1)
 
     def channel(self, controls: torch.Tensor, noise: NoiseBatch) -> torch.Tensor:
-        u = quaternion_to_unitary(self.unitaries(controls, noise))  # (B, K, 2, 2)
-        mean = torch.einsum("bkij,bkml->bimjl", u.conj(), u) / u.shape[1]
-        return mean.reshape(u.shape[0], 4, 4)
+        q = torch.stack(self._final(controls, noise), dim=1)  # (B, 4, K)
+        moments = (q @ q.transpose(1, 2)) / q.shape[-1]  # <q_a q_b> (B, 4, 4)
+        e = _unit_basis(q.device)
+        basis = torch.stack([torch.stack([kron(e[a].conj(), e[bb]) for bb in range(4)]) for a in range(4)])  # (4, 4, 4, 4)
+        return torch.einsum("bac,acij->bij", moments.to(CDTYPE), basis)
 
     def fidelity_samples(self, controls: torch.Tensor, noise: NoiseBatch, target: torch.Tensor) -> torch.Tensor:
         """Per-trajectory average gate fidelities (B, K): (2 |Tr(V^+ U_k)/2|^2 + 1)/3."""
-        u = quaternion_to_unitary(self.unitaries(controls, noise))
-        overlap = torch.einsum("ij,bkij->bk", target.to(u.device).conj(), u) / 2
+        q = torch.stack(self._final(controls, noise), dim=1)  # (B, 4, K)
+        t = torch.einsum("ij,aij->a", target.to(q.device).conj(), _unit_basis(q.device)) / 2  # Tr(V^+ E_a)/2
+        overlap = torch.einsum("a,bak->bk", t, q.to(CDTYPE))
         return (2 * overlap.abs() ** 2 + 1) / 3
 
 
-def build_model(simulation: str, n_steps: int = 100, n_trajectories: int = 1000, T: float = 1.0,
+def build_model(simulation: str, n_steps: int = 50, n_trajectories: int = 1000, T: float = 1.0,
                 psd_model: str | None = None) -> FidelityModel:
     """The fidelity model named ``simulation`` (one of SIMULATIONS)."""
     if simulation == "markovian":
