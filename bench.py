@@ -17,6 +17,10 @@ Sections (all on the published REINFORCE policy of configs/cartpole_reinforce.ya
   the compile time), per backend x method.
 - ``memory``: peak RSS of a fresh process during a 500-episode reference REINFORCE run (classical
   and TensorCircuit backprop), episode 100 against episode 500.
+- ``noise`` (only when named: ``--sections noise``): the qubit fidelity models of noise/models.py,
+  one fidelity evaluation with its gradient per (pulse, task), batched over tasks (markovian,
+  filter_function, trajectories with 1000 trajectories), and the wall time of the meta_single
+  classical MAML run (configs/meta_single.yaml) under each model.
 
 Times are medians over repeated calls after one warm-up call; ratios are to the classical
 baseline measured in the same process. Results go to ``--out`` (bench.md, one CSV per section,
@@ -45,7 +49,9 @@ import yaml  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 REFERENCE_CONFIG = ROOT / "configs" / "cartpole_reinforce.yaml"
-SECTIONS = ("forward", "gradient", "scaling", "throughput", "memory")
+SECTIONS = ("forward", "gradient", "scaling", "throughput", "memory", "noise")
+DEFAULT_SECTIONS = SECTIONS[:-1]
+META_SINGLE_CONFIG = ROOT / "configs" / "meta_single.yaml"
 EXPERIMENT_NAME = "benchmarks"
 
 
@@ -290,6 +296,64 @@ def bench_memory(sizes: Sizes, log: Callable[[str], None]) -> list[dict]:
     return rows
 
 
+def bench_noise(sizes: Sizes, log: Callable[[str], None]) -> list[dict]:
+    """Per (pulse, task): one fidelity + gradient of a batch of random pulses on tasks of meta_single,
+    divided by the batch; then the meta_single classical MAML run (iterations scaled down by --quick)."""
+    import torch
+
+    from config_schema import load_config
+    from meta.train import task_factory, train_meta
+    from noise.simulator import average_gate_fidelity
+
+    exp = load_config(META_SINGLE_CONFIG, only=["classical_maml"]).experiments[0]
+    rows = []
+    cases = [("markovian", 50, 0, 256), ("filter_function", 50, 0, 256), ("filter_function", 100, 0, 256),
+             ("trajectories", 50, 1000, 8), ("trajectories", 100, 1000, 8)]
+    for simulation, steps, trajectories, batch in cases:
+        noise = exp.meta.noise.model_copy(update={"time_steps": steps, "trajectories": max(trajectories, 64)})
+        factory = task_factory(exp.model_copy(update={"meta": exp.meta.model_copy(update={"noise": noise})}), simulation)
+        tasks = factory.sample(batch, np.random.default_rng(0))
+        gen = torch.Generator().manual_seed(0)
+        controls = (exp.meta.max_amplitude * (2 * torch.rand(batch, exp.meta.n_segments, 2, generator=gen, dtype=torch.float64) - 1))
+
+        def step(tasks=tasks, controls=controls):
+            c = controls.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(average_gate_fidelity(tasks.channel(c), tasks.target).sum(), c)
+            return g
+
+        _, median, _ = median_time(step, sizes.budget_s)
+        per = 1e3 * median / batch
+        rows.append({"kind": "fidelity+gradient", "simulation": simulation, "time_steps": steps if simulation != "markovian" else None,
+                     "trajectories": trajectories or None, "batch": batch, "ms_per_pulse_task": per, "wall_s": None,
+                     "fidelity_post": None})
+        log(f"noise    {simulation:15s} steps {steps:3d} trajectories {trajectories:4d} batch {batch:3d}: {per:8.3f} ms per (pulse, task)")
+
+    class Quiet:
+        def metrics(self, values, step):
+            pass
+
+        def tags(self, values):
+            pass
+
+        def progress(self, step, total, value):
+            pass
+
+    iterations = 30 if sizes.budget_s < 1 else exp.meta.iterations
+    for simulation in ("markovian", "filter_function", "trajectories"):
+        if simulation == "trajectories" and sizes.budget_s < 1:
+            continue
+        meta = exp.meta.model_copy(update={"iterations": iterations, "noise": exp.meta.noise.model_copy(update={"simulation": simulation})})
+        start = time.perf_counter()
+        result = train_meta(exp.model_copy(update={"meta": meta}), 0, Quiet())
+        wall = time.perf_counter() - start
+        rows.append({"kind": "meta_single classical_maml", "simulation": simulation, "time_steps": meta.fine_steps,
+                     "trajectories": meta.noise.trajectories if simulation == "trajectories" else None, "batch": iterations,
+                     "ms_per_pulse_task": None, "wall_s": wall, "fidelity_post": result.final_fidelity})
+        log(f"noise    meta_single classical MAML, {iterations} iterations, {simulation:15s}: {wall:7.1f} s "
+            f"(held-out F after adaptation {result.final_fidelity:.4f})")
+    return rows
+
+
 def with_ratios(rows: list[dict], key: tuple[str, ...], value: str, inverse: bool = False) -> list[dict]:
     """Add ``x_classical``: value / classical backprop's value at the same key (inverse: the other
     way round, for rates), so 10 means ten times slower than the classical baseline."""
@@ -358,6 +422,16 @@ def markdown(results: dict[str, list[dict]], machine: dict[str, str]) -> str:
                         ["backend", "method", "env steps", "train s", f"peak RSS MB at {early}", f"at {late}", "growth"],
                         [[r["backend"], r["method"], str(r["env_steps"]), fmt(r["train_s"]), f"{r[early_key]:.0f}",
                           f"{r[late_key]:.0f}", f"{r['growth_pct']:+.1f} %"] for r in rows])
+    if results.get("noise"):
+        rows = results["noise"]
+        out += md_table("Qubit fidelity models: one fidelity with its gradient, per (pulse, task), batched over tasks",
+                        ["model", "fine steps", "trajectories", "batch", "ms per (pulse, task)"],
+                        [[r["simulation"], fmt(r["time_steps"]), fmt(r["trajectories"]), str(r["batch"]), fmt(r["ms_per_pulse_task"])]
+                         for r in rows if r["kind"] == "fidelity+gradient"])
+        out += md_table("meta_single, classical MAML run (train_meta in this process: baselines, training, evaluation, cross-check)",
+                        ["model", "iterations", "wall s", "held-out F after adaptation"],
+                        [[r["simulation"], str(r["batch"]), fmt(r["wall_s"]), fmt(r.get("fidelity_post"), 4)]
+                         for r in rows if r["kind"] != "fidelity+gradient"])
     return "\n".join(out)
 
 
@@ -468,6 +542,11 @@ def log_to_mlflow(tracking_uri: str, results: dict[str, list[dict]], machine: di
         metrics[f"throughput_steps_per_s/{r['backend']}/{r['method']}"] = r["steps_per_s"]
     for r in results.get("memory", []):
         metrics[f"memory_growth_pct/{r['backend']}/{r['method']}"] = r["growth_pct"]
+    for r in results.get("noise", []):
+        if r["ms_per_pulse_task"] is not None:
+            metrics[f"noise_ms_per_pulse_task/{r['simulation']}/steps_{r['time_steps']}"] = r["ms_per_pulse_task"]
+        else:
+            metrics[f"noise_meta_single_wall_s/{r['simulation']}"] = r["wall_s"]
     log_metrics(client, run_id, metrics, 0)
     for r in results.get("scaling", []):
         prefix = f"scaling/{r['backend']}/{r['method']}"
@@ -501,13 +580,16 @@ def run_sections(sections: list[str], sizes: Sizes) -> tuple[dict[str, list[dict
         results["throughput"] = bench_throughput(sizes, log)
     if "memory" in sections:
         results["memory"] = bench_memory(sizes, log)
+    if "noise" in sections:
+        results["noise"] = bench_noise(sizes, log)
     return results, time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes: a check that everything runs")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS),
+                        help=f"default: {' '.join(DEFAULT_SECTIONS)} (noise only when named)")
     parser.add_argument("--only", nargs="+", metavar="BACKEND/METHOD", help="measure these pairs only (default: all)")
     parser.add_argument("--out", default="bench_results", help="folder for bench.md, the CSV files and bench.png")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")

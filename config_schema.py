@@ -178,9 +178,10 @@ class NoiseConfig(_Strict):
     """Fidelity model (noise/models.py): filter_function (first order, the pulse's own filter
     function against the PSD), trajectories (Monte Carlo over Gaussian noise from the PSD, exact),
     markovian (one Ramsey-filter Lindblad rate per task, the same for every pulse)."""
-    time_steps: int = Field(50, ge=1, le=100_000)
+    time_steps: int | None = Field(None, ge=1, le=100_000)
     """Fine time steps per gate (filter_function, trajectories); a multiple of meta.n_segments,
-    fine enough that dt * max(sqrt(2) max_amplitude, omega_c high) <= 0.25."""
+    fine enough that dt * max(sqrt(2) max_amplitude, omega_c high) <= 0.25. Unset: the smallest
+    multiple of n_segments that is at least 50 and fine enough (see MetaConfig.fine_steps)."""
     trajectories: int = Field(1000, ge=1, le=1_000_000)
     """Noise trajectories per task (trajectories model; at least 64), fixed per task (common random numbers)."""
     omega0: float = Field(100.0, gt=0)
@@ -305,6 +306,17 @@ class MetaConfig(_Strict):
     eval: MetaEvalConfig = MetaEvalConfig()
     baselines: BaselineConfig = BaselineConfig()
 
+    @property
+    def fine_steps(self) -> int:
+        """Fine time steps of the non-Markovian models: ``noise.time_steps``, or when unset the smallest
+        multiple of n_segments that is at least 50 and resolves the drive and the PSD corner."""
+        if self.noise.time_steps is not None:
+            return self.noise.time_steps
+        from noise.models import min_time_steps
+
+        need = max(50, min_time_steps(self.max_amplitude, self.noise.omega_c_high()))
+        return self.n_segments * math.ceil(need / self.n_segments)
+
     @model_validator(mode="after")
     def _noise_model_valid(self) -> MetaConfig:
         from noise.models import MIN_TRAJECTORIES, check_drive, min_time_steps
@@ -314,7 +326,9 @@ class MetaConfig(_Strict):
             check_drive(noise.omega0, self.max_amplitude)
         except ValueError as exc:
             raise ValueError(f"noise.omega0: {exc}") from None
-        if noise.simulation == "markovian":
+        if noise.simulation == "trajectories" and noise.trajectories < MIN_TRAJECTORIES:
+            raise ValueError(f"noise.trajectories: {noise.trajectories} is too few for a standard error; need at least {MIN_TRAJECTORIES}")
+        if noise.simulation == "markovian" or noise.time_steps is None:
             return self
         if noise.time_steps % self.n_segments:
             raise ValueError(f"noise.time_steps: {noise.time_steps} is not a multiple of n_segments {self.n_segments}")
@@ -324,8 +338,6 @@ class MetaConfig(_Strict):
                 f"noise.time_steps: {noise.time_steps} steps do not resolve the drive and the PSD corner "
                 f"(max_amplitude {self.max_amplitude:.4g}, omega_c up to {noise.omega_c_high():.4g}); need at least {need}"
             )
-        if noise.simulation == "trajectories" and noise.trajectories < MIN_TRAJECTORIES:
-            raise ValueError(f"noise.trajectories: {noise.trajectories} is too few for a standard error; need at least {MIN_TRAJECTORIES}")
         return self
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from config_schema import ExperimentConfig, NoiseConfig
+from config_schema import ExperimentConfig, MetaConfig, NoiseConfig
 from meta.algorithms import Losses, TaskGradients, adapt, meta_gradient, per_task_optimum, robust_pulse
 from meta.policies import PulsePolicy, build_pulse_policy
 from meta.tasks import QubitTasks, TaskFactory
@@ -48,8 +48,8 @@ def converter_for(noise: NoiseConfig) -> PSDToLindblad:
     return PSDToLindblad(omega0=noise.omega0, transverse_coupling=noise.transverse_coupling)
 
 
-def fidelity_model(noise: NoiseConfig, simulation: str | None = None) -> FidelityModel:
-    return build_model(simulation or noise.simulation, noise.time_steps, noise.trajectories)
+def fidelity_model(meta: MetaConfig, simulation: str | None = None) -> FidelityModel:
+    return build_model(simulation or meta.noise.simulation, meta.fine_steps, meta.noise.trajectories)
 
 
 def simulation_device(exp: ExperimentConfig) -> str:
@@ -60,7 +60,7 @@ def simulation_device(exp: ExperimentConfig) -> str:
 
 def task_factory(exp: ExperimentConfig, simulation: str | None = None, device: str = "cpu") -> TaskFactory:
     meta = exp.meta
-    return TaskFactory(meta.noise.distribution(), converter_for(meta.noise), fidelity_model(meta.noise, simulation),
+    return TaskFactory(meta.noise.distribution(), converter_for(meta.noise), fidelity_model(meta, simulation),
                        meta.target_gate, meta.task_input, meta.fidelity, meta.support.states, meta.support.shots, device)
 
 
@@ -227,7 +227,7 @@ def crosscheck(exp: ExperimentConfig, factory: TaskFactory, tasks: QubitTasks, p
     """The same pulses on the same tasks under every fidelity model (final/crosscheck/<model>/fidelity_<pulse>)."""
     out = {}
     for simulation in SIMULATIONS:
-        model = fidelity_model(exp.meta.noise, simulation)
+        model = fidelity_model(exp.meta, simulation)
         same = factory.make(tasks.tasks, np.random.default_rng(seed + CROSSCHECK_SEED_OFFSET), model)
         with torch.no_grad():
             for name, controls in pulses.items():

@@ -6,6 +6,10 @@
                                               [--experiment NAME] [--target GATE]
                                               one JSON object per task: the task, its rates, the
                                               pulse's fidelity (and its standard error)
+    python -m noise shapes [--gamma-phi G] [--alpha A] [--omega-c W] [--out DIR]
+                                              a 1/f and a Lorentzian task with the same Ramsey
+                                              gamma_phi: each task's optimal X pulse, evaluated on
+                                              both tasks under every model (table, pulses.png, .npy)
 
 A pulse is an (n_segments, 2) array of amplitudes (u_x, u_y) in 1/T over the gate time T = 1;
 ``pi`` is the constant u_x = pi (an X gate without noise). Bad input is one line on stderr and
@@ -121,7 +125,7 @@ def cmd_fidelity(args) -> None:
     simulation = args.simulation or meta.noise.simulation
     noise = meta.noise.model_copy(update={"simulation": simulation})
     if simulation != "markovian":
-        steps = noise.time_steps
+        steps = meta.fine_steps
         if steps % n_segments:
             steps = n_segments * math.ceil(steps / n_segments)
         need = min_time_steps(max(amplitude, 1e-12), noise.omega_c_high())
@@ -150,6 +154,88 @@ def cmd_fidelity(args) -> None:
         if "noise_infidelity" in diag:
             record["noise_infidelity_first_order"] = float(diag["noise_infidelity"][i])
         print(json.dumps(record))
+
+
+def cmd_shapes(args) -> None:
+    """Per-task optimal pulses of two tasks that the Markovian model cannot tell apart."""
+    from meta.algorithms import per_task_optimum
+    from meta.tasks import TaskFactory
+    from noise import PSDToLindblad, TaskDistribution, build_model
+    from noise.psd import NoiseParameters, ramsey_gamma_phi
+
+    if args.gamma_phi <= 0 or args.omega_c <= 0 or not 0 < args.alpha <= 3:
+        raise UsageError("need --gamma-phi > 0, --omega-c > 0 and 0 < --alpha <= 3")
+    unit_f = NoiseParameters(args.alpha, 1.0, args.omega_c)
+    unit_l = NoiseParameters(2.0, 1.0, args.omega_c_lorentzian, "lorentzian")
+    tasks = [NoiseParameters(args.alpha, args.gamma_phi / float(ramsey_gamma_phi([unit_f])[0]), args.omega_c),
+             NoiseParameters(2.0, args.gamma_phi / float(ramsey_gamma_phi([unit_l])[0]), args.omega_c_lorentzian, "lorentzian")]
+    n_segments, max_amplitude = 10, 2 * math.pi
+    check_drive(args.omega0, max_amplitude)
+    distribution = TaskDistribution("uniform", {"alpha": (0.5, 2.0), "A": (1e-3, 10.0), "omega_c": (0.01, 100.0)})
+    converter = PSDToLindblad(omega0=args.omega0)
+
+    def make(simulation: str):
+        model = build_model(simulation, n_steps=100, n_trajectories=4000)
+        factory = TaskFactory(distribution, converter, model, "x", "none", "average", 6, 0)
+        return factory.make(tasks, np.random.default_rng(args.seed))
+
+    train = make(args.simulation)
+    gen = torch.Generator().manual_seed(args.seed)
+    pi = torch.zeros(n_segments, 2, dtype=torch.float64)
+    pi[:, 0] = math.pi
+    optimal, best = None, None
+    for r in range(args.restarts):  # Adam from a perturbed pi pulse and from random pulses; keep each task's best
+        start = pi + 0.3 * torch.randn(n_segments, 2, generator=gen, dtype=torch.float64) if r == 0 else \
+            max_amplitude * 0.6 * (2 * torch.rand(n_segments, 2, generator=gen, dtype=torch.float64) - 1)
+        candidate = per_task_optimum(train, start, max_amplitude, args.steps, 0.05)  # (2, N, 2): one pulse per task
+        with torch.no_grad():
+            fid = train.fidelity(candidate)
+        if optimal is None:
+            optimal, best = candidate.clone(), fid
+        else:
+            better = fid > best
+            optimal[better], best = candidate[better], torch.where(better, fid, best)
+    pulses = {"pi pulse": pi, "optimal for 1/f task": optimal[0], "optimal for Lorentzian task": optimal[1]}
+    names = ["1/f task", "Lorentzian task"]
+    print(f"\nTwo tasks with the same Ramsey gamma_phi = {args.gamma_phi:g}/T (detuning 0): "
+          f"1/f alpha {args.alpha:g}, omega_c {args.omega_c:g} (A {tasks[0].A:.4g}); Lorentzian omega_c {args.omega_c_lorentzian:g} "
+          f"(A {tasks[1].A:.4g}). Pulses optimised under {args.simulation} (best of {args.restarts} starts x {args.steps} Adam steps, "
+          f"{n_segments} segments, "
+          f"|u| <= 2 pi). Infidelity 1 - F_avg:\n")
+    print("| pulse | model | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    for simulation in ("markovian", "filter_function", "trajectories"):
+        tasks_m = make(simulation)
+        for label, pulse in pulses.items():
+            controls = pulse.expand(2, -1, -1)
+            with torch.no_grad():
+                inf = (1 - tasks_m.fidelity(controls)).numpy()
+            se = tasks_m.diagnostics(controls).get("stderr")
+            cells = [f"{v:.2e}" + (f" +- {e:.0e}" if se is not None else "") for v, e in zip(inf, se if se is not None else inf)]
+            print(f"| {label} | {simulation} | " + " | ".join(cells) + " |")
+    if args.out:
+        from pathlib import Path
+
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for i, key in enumerate(("one_over_f", "lorentzian")):
+            np.save(out / f"optimal_{key}.npy", optimal[i].numpy())
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
+        t = np.arange(n_segments + 1) / n_segments
+        for ax, comp in zip(axes, ("u_x", "u_y")):
+            for i, label in enumerate(("optimal for 1/f task", "optimal for Lorentzian task")):
+                values = optimal[i][:, 0 if comp == "u_x" else 1].numpy()
+                ax.step(t, np.append(values, values[-1]), where="post", label=label)
+            ax.set(xlabel="t / T", ylabel=f"{comp} (1/T)", title=f"{comp}: same Ramsey gamma_phi = {args.gamma_phi:g}")
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "pulses.png", dpi=110)
+        print(f"\nWrote {out / 'pulses.png'} and the pulses as .npy ({n_segments}, 2) arrays (python -m noise fidelity ... --pulse FILE).")
 
 
 def positive_int(text: str) -> int:
@@ -194,16 +280,24 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--simulation", choices=SIMULATIONS, help="fidelity model (default: the config's meta.noise.simulation)")
     f.add_argument("--experiment", help="which qubit_meta experiment of the config (default: the first)")
     f.add_argument("--target", choices=("identity", "x", "y", "h", "sqrt_x"), help="target gate (default: the config's)")
+    sh = sub.add_parser("shapes", help="optimal pulses of a 1/f and a Lorentzian task with the same Ramsey gamma_phi")
+    sh.add_argument("--gamma-phi", type=float, default=0.1, help="Ramsey dephasing rate of both tasks, 1/T (default 0.1)")
+    sh.add_argument("--alpha", type=float, default=1.0, help="1/f exponent (default 1)")
+    sh.add_argument("--omega-c", type=float, default=0.1, help="1/f corner frequency, 1/T (default 0.1)")
+    sh.add_argument("--omega-c-lorentzian", type=float, default=5.0, help="Lorentzian corner frequency, 1/T (default 5)")
+    sh.add_argument("--omega0", type=float, default=100.0, help="qubit frequency for relaxation, 1/T (default 100)")
+    sh.add_argument("--simulation", choices=SIMULATIONS[:2], default="filter_function", help="model the pulses are optimised under")
+    sh.add_argument("--steps", type=positive_int, default=600, help="Adam steps per task and start (default 600)")
+    sh.add_argument("--restarts", type=positive_int, default=6, help="starts per task (default 6)")
+    sh.add_argument("--seed", type=seed_int, default=0)
+    sh.add_argument("--out", help="folder for pulses.png and the two pulses (.npy)")
     return p
 
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     try:
-        if args.command == "quantiles":
-            cmd_quantiles(args)
-        else:
-            cmd_fidelity(args)
+        {"quantiles": cmd_quantiles, "fidelity": cmd_fidelity, "shapes": cmd_shapes}[args.command](args)
     except ConfigError as exc:
         for line in exc.lines:
             print(line, file=sys.stderr)

@@ -12,6 +12,7 @@ import torch
 from noise import NoiseParameters, PSDToLindblad, TaskDistribution, ramsey_gamma_phi
 from noise.models import (
     FilterFunctionModel,
+    _expm,
     MarkovianModel,
     NoiseBatch,
     StepCovariance,
@@ -81,6 +82,14 @@ def test_quaternions_are_the_matrix_exponential_and_heisenberg_rotation():
         matrix = u.conj().transpose(-1, -2) @ paulis[k] @ u
         bloch = torch.stack([torch.einsum("ij,bji->b", p, matrix).real / 2 for p in paulis], dim=-1)
         assert torch.allclose(rotated, bloch, atol=1e-13)
+
+
+def test_own_matrix_exponential_matches_torch_and_ignores_the_batch():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 3, 3, generator=gen, dtype=torch.float64) * torch.tensor([1e-6, 0.1, 1.0, 3.0, 10.0, 0.0], dtype=torch.float64)[:, None, None]
+    x = x + x.transpose(1, 2)
+    assert torch.allclose(_expm(x), torch.linalg.matrix_exp(x), rtol=1e-12, atol=1e-14)
+    assert all(torch.equal(_expm(x)[b], _expm(x[b : b + 1])[0]) for b in range(6))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +204,7 @@ def test_filter_function_matches_trajectories_for_weak_noise():
         controls = pulse.expand(3, -1, -1)
         ours = 1.5 * ff.noise_infidelity(controls, f_nb).numpy()  # 1 - F_e, first order
         final, _ = ff.toggling_frame(controls, f_nb.detuning)
-        u0 = quaternion_to_unitary(final)  # (3, 2, 2) noiseless gate of each task
+        u0 = final  # (3, 2, 2) noiseless gate of each task
         u = quaternion_to_unitary(traj.unitaries(controls, t_nb))  # (3, K, 2, 2)
         f_e = (torch.einsum("bij,bkij->bk", u0.conj(), u).abs() / 2) ** 2
         mc, se = 1 - f_e.mean(1).numpy(), (f_e.std(1) / math.sqrt(f_e.shape[1])).numpy()
