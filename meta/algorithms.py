@@ -180,13 +180,16 @@ def robust_pulse(
 
 
 def per_task_optimum(tasks: QubitTasks, start: torch.Tensor, max_amplitude: float, steps: int, lr: float) -> torch.Tensor:
-    """Every task's own pulse (B, N, 2): Adam on its exact query loss from ``start`` (N, 2) — the upper bound."""
+    """Every task's own pulse (B, N, 2): Adam on its exact query loss from ``start`` ((N, 2), or (B, N, 2)
+    per task), the learning rate decayed to zero on a cosine — the upper bound."""
     clipped = start.clamp(-max_amplitude * (1 - 1e-9), max_amplitude * (1 - 1e-9))
     raw = torch.atanh(clipped / max_amplitude).expand(len(tasks), -1, -1).clone().requires_grad_(True)
     opt = torch.optim.Adam([raw], lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
     for _ in range(steps):
         loss = tasks.query_loss(_amplitudes(raw, max_amplitude)).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
+        schedule.step()
     return _amplitudes(raw.detach(), max_amplitude)

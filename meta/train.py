@@ -184,7 +184,9 @@ def evaluate(
     losses: Losses, grads: TaskGradients, theta: torch.Tensor, tasks: QubitTasks, k_values: list[int], inner_lr: float,
     robust: torch.Tensor | None = None, optimum_steps: int = 0, optimum_lr: float = 0.05, max_amplitude: float = 1.0,
 ) -> Evaluation:
-    """Fidelity on ``tasks`` after k adaptation steps (support loss) for every k in ``k_values``."""
+    """Fidelity on ``tasks`` after k adaptation steps (support loss) for every k in ``k_values``; the
+    robust pulse's; and the per-task optimum (Adam from the better of the robust pulse and the pulse
+    after max(k_values) adaptation steps, per task)."""
     by_k: dict[int, np.ndarray] = {}
     wanted = set(k_values)
 
@@ -204,7 +206,11 @@ def evaluate(
         with torch.no_grad():
             ev.robust = tasks.fidelity(controls["robust"]).cpu().numpy()
         if optimum_steps > 0:
-            controls["optimum"] = per_task_optimum(tasks, robust, max_amplitude, optimum_steps, optimum_lr)
+            # from the better of the robust pulse and the most-adapted pulse, task by task
+            adapted = controls[f"k{max(k_values)}"]
+            better = torch.as_tensor(by_k[max(k_values)] > ev.robust)[:, None, None]
+            start_pulses = torch.where(better, adapted, controls["robust"])
+            controls["optimum"] = per_task_optimum(tasks, start_pulses, max_amplitude, optimum_steps, optimum_lr)
             with torch.no_grad():
                 ev.optimum = tasks.fidelity(controls["optimum"]).cpu().numpy()
     return ev

@@ -213,6 +213,8 @@ def test_qubit_meta_runs_pass_on_every_backend(tmp_path):
             {"name": "pl_adjoint_fomaml", "backend": "pennylane", "gradient": "adjoint", "algorithm": "fomaml"},
             {"name": "tc_shift_reptile", "backend": "tensorcircuit", "gradient": "parameter-shift", "algorithm": "reptile"},
             {"name": "classical_fd_fomaml", "backend": "classical", "gradient": "finite-diff", "algorithm": "fomaml"},
+            {"name": "classical_traj_maml", "backend": "classical", "gradient": "backprop", "algorithm": "maml",
+             "meta": {"noise": {"simulation": "trajectories", "trajectories": 64}}},
         ],
     }
     proc = run_py(tmp_path, config)
@@ -220,7 +222,7 @@ def test_qubit_meta_runs_pass_on_every_backend(tmp_path):
     assert "final_fidelity" in proc.stdout and "final_avg_return" not in proc.stdout
     client, runs = runs_by_name(tmp_path)
     for name in ("classical_maml", "pl_maml", "tc_fomaml", "pl_spsa_reptile", "pl_adjoint_fomaml", "tc_shift_reptile",
-                 "classical_fd_fomaml"):
+                 "classical_fd_fomaml", "classical_traj_maml"):
         run = runs[f"{name}-seed0"]
         assert run.data.tags["status"] == "PASSED", run.data.tags.get("error")
         m = run.data.metrics
@@ -229,6 +231,12 @@ def test_qubit_meta_runs_pass_on_every_backend(tmp_path):
                     "final/heldout/lorentzian/fidelity_post", "final/by_model/one_over_f/fidelity_post"):
             assert key in m and math.isfinite(m[key]), key
         assert 0 < m["final/fidelity_post"] <= 1
+        for simulation in ("markovian", "filter_function", "trajectories"):
+            assert 0 < m[f"final/crosscheck/{simulation}/fidelity_post"] <= 1
+        assert 0 <= m["final/crosscheck/filter_function/ff_outside_validity/post"] <= 1
+        assert m["final/crosscheck/trajectories/stderr/post"] > 0
+        own = run.data.params["meta.noise.simulation"]
+        assert m[f"final/crosscheck/{own}/fidelity_post"] == pytest.approx(m["final/fidelity_post"], abs=1e-12 if own != "trajectories" else 0.05)
         if not name.startswith("classical"):
             assert 0 < m["final/grad_circuit_evals"] <= m["final/total_circuit_evals"]
         assert [h.step for h in client.get_metric_history(run.info.run_id, "meta/fidelity_vs_k")] == [0, 1, 2]

@@ -323,3 +323,26 @@ def test_gamma_phi_parameterisation_mixes_shapes_at_equal_strength():
         TaskDistribution("uniform", {**ranges, "A": (0.1, 1.0)})
     with pytest.raises(ValueError, match="double_exp needs 'A'"):
         TaskDistribution("uniform", {**ranges, "A2": (0.1, 1.0), "omega_c2": (1.0, 2.0)}, ("double_exp",))
+
+
+@pytest.mark.slow
+def test_trajectories_converge_in_time_steps_and_agree_with_the_filter_function_on_shipped_tasks():
+    """On 12 tasks of configs/meta_mixed.yaml (gamma_phi 0.01-0.2, 1/f and Lorentzian, detuning): the
+    trajectories with 50 and with 200 fine steps agree within their errors, and the filter function
+    is within 15 % of the exact result for the pi pulse (first-order errors at these strengths)."""
+    from config_schema import load_config
+    from meta.train import task_factory
+
+    exp = load_config("configs/meta_mixed.yaml", only=["classical_maml"]).experiments[0]
+    params = exp.meta.noise.distribution().sample(12, np.random.default_rng(3))
+    controls = pi_pulse(10).expand(12, -1, -1)
+    results = {}
+    for label, simulation, steps in (("ff", "filter_function", 50), ("t50", "trajectories", 50), ("t200", "trajectories", 200)):
+        meta = exp.meta.model_copy(update={"noise": exp.meta.noise.model_copy(update={"time_steps": steps, "trajectories": 20000})})
+        factory = task_factory(exp.model_copy(update={"meta": meta}), simulation)
+        tasks = factory.make(params, np.random.default_rng(4))
+        with torch.no_grad():
+            results[label] = (1 - tasks.fidelity(controls)).numpy(), tasks.diagnostics(controls).get("stderr", np.zeros(12))
+    (t50, e50), (t200, e200), (ff, _) = results["t50"], results["t200"], results["ff"]
+    assert (np.abs(t50 - t200) < 4 * np.hypot(e50, e200) + 0.01 * t200).all(), (t50, t200)
+    assert (np.abs(ff - t200) < 0.15 * t200 + 4 * e200).all(), (ff, t200)
