@@ -39,6 +39,8 @@ from utils import seed_everything, select_device
 VALIDATION_SEED_OFFSET = 1_000_003
 
 
+#: Above this fraction of held-out tasks outside the filter function's validity, the run gets a ``warning`` tag.
+FF_VALIDITY_WARN_FRACTION = 0.1
 #: Offset of the seed of the noise realisations of the model cross-check (final/crosscheck/*).
 CROSSCHECK_SEED_OFFSET = 2_000_003
 
@@ -327,6 +329,11 @@ def train_meta(exp: ExperimentConfig, seed: int, reporter) -> MetaResult:
     final_pulses = {name: final.pulses[key] for name, key in (("pre", "k0"), ("post", f"k{k_post}"), ("robust", "robust"),
                                                                 ("optimum", "optimum")) if key in final.pulses}
     checks = model_diagnostics(val_tasks, final_pulses, "final/diag")
+    outside = checks.get("final/diag/ff_outside_validity/post", 0.0)
+    if outside > FF_VALIDITY_WARN_FRACTION:
+        reporter.tags({"warning": f"filter_function: {outside:.0%} of the held-out tasks have a first-order noise infidelity above "
+                                  f"{FF_VALIDITY} (outside the model's validity); compare final/crosscheck/trajectories/* or use "
+                                  "simulation: trajectories"})
     checks.update(crosscheck(exp, factory, val_tasks, final_pulses, seed))
     result = MetaResult(exp, theta.detach(), robust, policy, train_loss, validation, final, heldout, variance,
                         grads.loss_evaluations, grad_circuit_evals, wall_s, baselines_s + time.monotonic() - t1, checks)

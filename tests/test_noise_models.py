@@ -346,3 +346,17 @@ def test_trajectories_converge_in_time_steps_and_agree_with_the_filter_function_
     (t50, e50), (t200, e200), (ff, _) = results["t50"], results["t200"], results["ff"]
     assert (np.abs(t50 - t200) < 4 * np.hypot(e50, e200) + 0.01 * t200).all(), (t50, t200)
     assert (np.abs(ff - t200) < 0.15 * t200 + 4 * e200).all(), (ff, t200)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("simulation", ["markovian", "filter_function", "trajectories"])
+def test_models_give_the_same_channel_on_cuda(simulation):
+    tasks = [NoiseParameters(1.2, 0.3, 0.5), NoiseParameters(2.0, 0.2, 2.0, "lorentzian")]
+    model = build_model(simulation, n_steps=40, n_trajectories=64)
+    rates = PSDToLindblad(omega0=100.0).rates(tasks)
+    cpu = model.prepare(tasks, rates.gamma_phi, rates.gamma_down, rates.gamma_up, np.random.default_rng(0))
+    gpu = model.prepare(tasks, rates.gamma_phi, rates.gamma_down, rates.gamma_up, np.random.default_rng(0), "cuda")
+    controls = torch.randn(2, 4, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    on_gpu = model.channel(controls.cuda(), gpu)
+    assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.complex128
+    assert torch.allclose(on_gpu.cpu(), model.channel(controls, cpu), atol=1e-12)
