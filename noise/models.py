@@ -56,7 +56,7 @@ import torch
 
 from noise.lindblad import _gauss_legendre
 from noise.psd import NoiseParameters
-from noise.simulator import CDTYPE, SX, SY, SZ, kron, simulate, unitary_superop
+from noise.simulator import CDTYPE, SX, SY, SZ, kron, simulate
 
 SIMULATIONS = ("trajectories", "filter_function", "markovian")
 #: omega0 must be at least this many times the largest Rabi frequency sqrt(2) max_amplitude.
@@ -144,42 +144,7 @@ class StepCovariance:
 
 
 # ---------------------------------------------------------------------------------------------
-# SU(2) as unit quaternions: U = q0 I - i (q1 sx + q2 sy + q3 sz), all real float64
-
-
-def rotation_quaternion(phi: torch.Tensor) -> torch.Tensor:
-    """exp(-i phi.sigma/2) for rotation vectors phi (..., 3): (..., 4) = (cos|phi|/2, sin(|phi|/2) phi/|phi|)."""
-    norm = torch.sqrt((phi * phi).sum(-1).clamp_min(1e-300))
-    half_sinc = 0.5 * torch.sinc(norm / (2 * math.pi))  # sin(|phi|/2)/|phi|, smooth at 0
-    return torch.cat([torch.cos(norm / 2)[..., None], half_sinc[..., None] * phi], dim=-1)
-
-
-def quaternion_product(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """The SU(2) product P Q: (p0 q0 - p.q, p0 q + q0 p + p x q)."""
-    p0, pv = p[..., :1], p[..., 1:]
-    q0, qv = q[..., :1], q[..., 1:]
-    scalar = p0 * q0 - (pv * qv).sum(-1, keepdim=True)
-    vector = p0 * qv + q0 * pv + torch.linalg.cross(pv, qv, dim=-1)
-    return torch.cat([scalar, vector], dim=-1)
-
-
-def ordered_product(q: torch.Tensor) -> torch.Tensor:
-    """q[..., M-1, :] ... q[..., 1, :] q[..., 0, :] (time-ordered, later on the left), by pairwise
-    tree reduction: log2(M) batched products instead of M sequential ones."""
-    while q.shape[-2] > 1:
-        if q.shape[-2] % 2:
-            identity = torch.zeros_like(q[..., :1, :])
-            identity[..., 0] = 1.0
-            q = torch.cat([q, identity], dim=-2)
-        q = quaternion_product(q[..., 1::2, :], q[..., 0::2, :])
-    return q[..., 0, :]
-
-
-def heisenberg_rotate(q: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """Bloch vector of U^+ (a.sigma) U for U = q0 - i q.sigma: (q0^2 - |q|^2) a + 2 (q.a) q - 2 q0 (q x a)."""
-    q0, qv = q[..., :1], q[..., 1:]
-    a = a.expand_as(qv)
-    return (q0**2 - (qv * qv).sum(-1, keepdim=True)) * a + 2 * (qv * a).sum(-1, keepdim=True) * qv - 2 * q0 * torch.linalg.cross(qv, a, dim=-1)
+# SU(2): unit quaternions U = q0 I - i (q1 sx + q2 sy + q3 sz) (trajectories), 2x2 matrices (filter function)
 
 
 def quaternion_to_unitary(q: torch.Tensor) -> torch.Tensor:
@@ -276,14 +241,15 @@ class _FineGrid(FidelityModel):
 
 
 def _rotation_components(px: torch.Tensor, py: torch.Tensor, pz: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """:func:`rotation_quaternion` on separate component tensors (elementwise on contiguous slabs)."""
+    """exp(-i phi.sigma/2) as the unit quaternion (cos(|phi|/2), sin(|phi|/2) phi/|phi|), U = q0 - i q.sigma,
+    from separate component tensors (elementwise on contiguous slabs; smooth at phi = 0)."""
     norm = torch.sqrt((px * px + py * py + pz * pz).clamp_min(1e-300))
     k = 0.5 * torch.sinc(norm / (2 * math.pi))
     return torch.cos(0.5 * norm), k * px, k * py, k * pz
 
 
 def _product_components(p: tuple[torch.Tensor, ...], q: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """:func:`quaternion_product` on component tuples."""
+    """The SU(2) product P Q of component tuples: (p0 q0 - p.q, p0 q + q0 p + p x q)."""
     p0, p1, p2, p3 = p
     q0, q1, q2, q3 = q
     return (p0 * q0 - p1 * q1 - p2 * q2 - p3 * q3,
@@ -293,7 +259,8 @@ def _product_components(p: tuple[torch.Tensor, ...], q: tuple[torch.Tensor, ...]
 
 
 def _ordered_components(q: tuple[torch.Tensor, ...], dim: int = 1) -> tuple[torch.Tensor, ...]:
-    """:func:`ordered_product` over ``dim`` (time) of component tuples, by pairwise tree reduction."""
+    """Time-ordered product q_{M-1} ... q_1 q_0 over ``dim`` of component tuples (later on the left), by
+    pairwise tree reduction: log2(M) batched products instead of M sequential ones."""
     while q[0].shape[dim] > 1:
         if q[0].shape[dim] % 2:
             pad = [torch.ones_like(q[0].narrow(dim, 0, 1))] + [torch.zeros_like(q[0].narrow(dim, 0, 1))] * 3
@@ -308,33 +275,6 @@ def _ordered_components(q: tuple[torch.Tensor, ...], dim: int = 1) -> tuple[torc
 def _unit_basis(device) -> torch.Tensor:
     """E_a (4, 2, 2) with U = sum_a q_a E_a: I, -i sx, -i sy, -i sz."""
     return torch.stack([torch.eye(2, dtype=CDTYPE), -1j * SX, -1j * SY, -1j * SZ]).to(device)
-
-
-def _prefix_products(q: tuple[torch.Tensor, ...], dim: int = 1) -> tuple[torch.Tensor, ...]:
-    """Inclusive time-ordered prefix products P_j = q_j ... q_0 along ``dim`` (Hillis-Steele scan, log2 steps)."""
-    n = q[0].shape[dim]
-    shift = 1
-    while shift < n:
-        head = tuple(c.narrow(dim, 0, shift) for c in q)
-        later = tuple(c.narrow(dim, shift, n - shift) for c in q)
-        earlier = tuple(c.narrow(dim, 0, n - shift) for c in q)
-        tail = _product_components(later, earlier)
-        q = tuple(torch.cat([h, t], dim=dim) for h, t in zip(head, tail))
-        shift *= 2
-    return q
-
-
-def _heisenberg_frames(q: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """(..., 3, 3): row k = Bloch vector of U^+ sigma_k U for U = q0 - i q.sigma (also the Schroedinger
-    rotation O_ab = Tr(sigma_a U sigma_b U^+)/2)."""
-    q0, q1, q2, q3 = q
-    d = q0 * q0 - q1 * q1 - q2 * q2 - q3 * q3
-    rows = [
-        [d + 2 * q1 * q1, 2 * (q1 * q2 - q0 * q3), 2 * (q1 * q3 + q0 * q2)],
-        [2 * (q1 * q2 + q0 * q3), d + 2 * q2 * q2, 2 * (q2 * q3 - q0 * q1)],
-        [2 * (q1 * q3 - q0 * q2), 2 * (q2 * q3 + q0 * q1), d + 2 * q3 * q3],
-    ]
-    return torch.stack([torch.stack(r, dim=-1) for r in rows], dim=-2)
 
 
 def _su2(phi: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,8 @@ def test_fidelity_prints_one_json_object_per_task(tmp_path):
     np.save(tmp_path / "pi.npy", pulse)
     out = {}
     for simulation in ("filter_function", "trajectories", "markovian"):
-        proc = noise_cli("fidelity", "configs/meta_single.yaml", "--pulse", tmp_path / "pi.npy", "--tasks", 3, "--seed", 4, "--simulation", simulation)
+        proc = noise_cli("fidelity", "configs/meta_single.yaml", "--pulse", tmp_path / "pi.npy", "--tasks", 3, "--seed", 4,
+                         "--simulation", simulation)
         assert proc.returncode == 0, proc.stderr
         records = [json.loads(line) for line in proc.stdout.splitlines()]
         assert len(records) == 3 and all(r["simulation"] == simulation for r in records)

@@ -12,15 +12,17 @@ import torch
 from noise import NoiseParameters, PSDToLindblad, TaskDistribution, ramsey_gamma_phi
 from noise.models import (
     FilterFunctionModel,
-    _expm,
     MarkovianModel,
     NoiseBatch,
     StepCovariance,
     TrajectoryModel,
+    _bloch_frames,
+    _expm,
+    _ordered_components,
+    _rotation_components,
+    _su2,
     build_model,
-    heisenberg_rotate,
     quaternion_to_unitary,
-    rotation_quaternion,
 )
 from noise.psd import white
 from noise.simulator import SX, SY, SZ, average_gate_fidelity, target_unitary
@@ -68,20 +70,24 @@ def infidelity(model, controls, nb, target="x"):
 # SU(2) helpers
 
 
-def test_quaternions_are_the_matrix_exponential_and_heisenberg_rotation():
+def test_su2_helpers_are_the_matrix_exponential_and_its_products():
     gen = torch.Generator().manual_seed(0)
-    phi = 3 * torch.randn(50, 3, generator=gen, dtype=torch.float64)
-    phi[0] = 0.0
-    u = quaternion_to_unitary(rotation_quaternion(phi))
+    phi = 3 * torch.randn(7, 50, 3, generator=gen, dtype=torch.float64)
+    phi[0, 0] = 0.0
     paulis = torch.stack([SX, SY, SZ])
-    exact = torch.linalg.matrix_exp(-0.5j * torch.einsum("bk,kij->bij", phi.to(torch.complex128), paulis))
-    assert torch.allclose(u, exact, atol=1e-13)
-    q = rotation_quaternion(phi)
+    exact = torch.linalg.matrix_exp(-0.5j * torch.einsum("...k,kij->...ij", phi.to(torch.complex128), paulis))
+    assert torch.allclose(_su2(phi), exact, atol=1e-13)
+    q = _rotation_components(*(phi[..., k] for k in range(3)))
+    assert torch.allclose(quaternion_to_unitary(torch.stack(q, dim=-1)), exact, atol=1e-13)
+    product = exact[:, 0]
+    for j in range(1, 50):
+        product = exact[:, j] @ product  # later steps on the left
+    assert torch.allclose(quaternion_to_unitary(torch.stack(_ordered_components(q, dim=1), dim=-1)), product, atol=1e-12)
+    frames = _bloch_frames(exact)
     for k in range(3):
-        rotated = heisenberg_rotate(q, torch.eye(3, dtype=torch.float64)[k])
-        matrix = u.conj().transpose(-1, -2) @ paulis[k] @ u
-        bloch = torch.stack([torch.einsum("ij,bji->b", p, matrix).real / 2 for p in paulis], dim=-1)
-        assert torch.allclose(rotated, bloch, atol=1e-13)
+        heisenberg = exact.conj().transpose(-1, -2) @ paulis[k] @ exact
+        bloch = torch.stack([torch.einsum("ij,...ji->...", p, heisenberg).real / 2 for p in paulis], dim=-1)
+        assert torch.allclose(frames[..., k, :], bloch, atol=1e-13)
 
 
 def test_own_matrix_exponential_matches_torch_and_ignores_the_batch():
