@@ -20,7 +20,8 @@ Sections (all on the published REINFORCE policy of configs/cartpole_reinforce.ya
 - ``noise`` (only when named: ``--sections noise``): the qubit fidelity models of noise/models.py,
   one fidelity evaluation with its gradient per (pulse, task), batched over tasks (markovian,
   filter_function, trajectories with 1000 trajectories), and the wall time of the meta_single
-  classical MAML run (configs/meta_single.yaml) under each model.
+  classical MAML run (configs/meta_single.yaml) under each model (trajectories: 20 iterations and 20
+  baseline steps, for its rate).
 
 Times are medians over repeated calls after one warm-up call; ratios are to the classical
 baseline measured in the same process. Results go to ``--out`` (bench.md, one CSV per section,
@@ -325,7 +326,7 @@ def bench_noise(sizes: Sizes, log: Callable[[str], None]) -> list[dict]:
         per = 1e3 * median / batch
         rows.append({"kind": "fidelity+gradient", "simulation": simulation, "time_steps": steps if simulation != "markovian" else None,
                      "trajectories": trajectories or None, "batch": batch, "ms_per_pulse_task": per, "wall_s": None,
-                     "fidelity_post": None})
+                     "fidelity_post": None, "baseline_steps": None, "train_s_per_iteration": None})
         log(f"noise    {simulation:15s} steps {steps:3d} trajectories {trajectories:4d} batch {batch:3d}: {per:8.3f} ms per (pulse, task)")
 
     class Quiet:
@@ -338,17 +339,23 @@ def bench_noise(sizes: Sizes, log: Callable[[str], None]) -> list[dict]:
         def progress(self, step, total, value):
             pass
 
-    iterations = 30 if sizes.budget_s < 1 else exp.meta.iterations
     for simulation in ("markovian", "filter_function", "trajectories"):
-        if simulation == "trajectories" and sizes.budget_s < 1:
-            continue
-        meta = exp.meta.model_copy(update={"iterations": iterations, "noise": exp.meta.noise.model_copy(update={"simulation": simulation})})
+        # trajectories: a MAML iteration takes seconds (second order through 8 x 1000 trajectories), so
+        # 20 iterations and 20 baseline steps give its rate; the others run the config as shipped
+        iterations = 20 if simulation == "trajectories" else 30 if sizes.budget_s < 1 else exp.meta.iterations
+        baselines = exp.meta.baselines
+        if simulation == "trajectories" or sizes.budget_s < 1:
+            baselines = baselines.model_copy(update={"robust_steps": min(baselines.robust_steps, iterations),
+                                                     "optimum_steps": min(baselines.optimum_steps, iterations)})
+        meta = exp.meta.model_copy(update={"iterations": iterations, "baselines": baselines,
+                                           "noise": exp.meta.noise.model_copy(update={"simulation": simulation})})
         start = time.perf_counter()
         result = train_meta(exp.model_copy(update={"meta": meta}), 0, Quiet())
         wall = time.perf_counter() - start
         rows.append({"kind": "meta_single classical_maml", "simulation": simulation, "time_steps": meta.fine_steps,
                      "trajectories": meta.noise.trajectories if simulation == "trajectories" else None, "batch": iterations,
-                     "ms_per_pulse_task": None, "wall_s": wall, "fidelity_post": result.final_fidelity})
+                     "ms_per_pulse_task": None, "wall_s": wall, "fidelity_post": result.final_fidelity,
+                     "baseline_steps": baselines.robust_steps, "train_s_per_iteration": result.wall_s / iterations})
         log(f"noise    meta_single classical MAML, {iterations} iterations, {simulation:15s}: {wall:7.1f} s "
             f"(held-out F after adaptation {result.final_fidelity:.4f})")
     return rows
@@ -429,9 +436,9 @@ def markdown(results: dict[str, list[dict]], machine: dict[str, str]) -> str:
                         [[r["simulation"], fmt(r["time_steps"]), fmt(r["trajectories"]), str(r["batch"]), fmt(r["ms_per_pulse_task"])]
                          for r in rows if r["kind"] == "fidelity+gradient"])
         out += md_table("meta_single, classical MAML run (train_meta in this process: baselines, training, evaluation, cross-check)",
-                        ["model", "iterations", "wall s", "held-out F after adaptation"],
-                        [[r["simulation"], str(r["batch"]), fmt(r["wall_s"]), fmt(r.get("fidelity_post"), 4)]
-                         for r in rows if r["kind"] != "fidelity+gradient"])
+                        ["model", "iterations", "baseline steps", "wall s", "s per MAML iteration", "held-out F after adaptation"],
+                        [[r["simulation"], str(r["batch"]), str(r["baseline_steps"]), fmt(r["wall_s"]), fmt(r["train_s_per_iteration"]),
+                          fmt(r.get("fidelity_post"), 4)] for r in rows if r["kind"] != "fidelity+gradient"])
     return "\n".join(out)
 
 
