@@ -20,6 +20,11 @@ Sections (all on the published REINFORCE policy of configs/cartpole_reinforce.ya
 - ``estimators``: central finite differences on classical DQN MLPs of growing width (up to the
   67k parameters of ``hidden_sizes: [256, 256]``): parameters against time and peak RSS of a
   fresh process, with the size of the P x P shift matrix one unchunked call would have built.
+- ``noise`` (only when named: ``--sections noise``): the qubit fidelity models of noise/models.py,
+  one fidelity evaluation with its gradient per (pulse, task), batched over tasks (markovian,
+  filter_function, trajectories with 1000 trajectories), and the wall time of the meta_single
+  classical MAML run (configs/meta_single.yaml) under each model (trajectories: 20 iterations and 20
+  baseline steps, for its rate).
 
 The row ``reference / hand-written`` is the limit: the same policy as a hand-written batched jax
 state vector (tools/reference_statevector.py), numpy in and numpy out, in the forward, gradient and
@@ -54,7 +59,9 @@ import yaml  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 REFERENCE_CONFIG = ROOT / "configs" / "cartpole_reinforce.yaml"
-SECTIONS = ("forward", "gradient", "scaling", "throughput", "memory", "estimators")
+SECTIONS = ("forward", "gradient", "scaling", "throughput", "memory", "estimators", "noise")
+DEFAULT_SECTIONS = SECTIONS[:-1]
+META_SINGLE_CONFIG = ROOT / "configs" / "meta_single.yaml"
 REFERENCE = ("reference", "hand-written")
 #: Backends of the benchmark that are a configured variant of a project backend.
 VARIANTS = {"pennylane-torch": ("pennylane", {"pennylane": {"interface": "torch"}})}
@@ -417,6 +424,68 @@ def bench_estimators(sizes: Sizes, log: Callable[[str], None]) -> list[dict]:
                      "peak_rss_mb": probe["peak_rss_mb"], "unchunked_shift_gb": p * p * 8 / 1e9})
         log(f"estimate classical finite-diff {p:6d} parameters: {probe['seconds']:7.2f} s, peak RSS {probe['peak_rss_mb']:.0f} MB "
             f"(one unchunked call: a {rows[-1]['unchunked_shift_gb']:.1f} GB P x P shift matrix)")
+
+def bench_noise(sizes: Sizes, log: Callable[[str], None]) -> list[dict]:
+    """Per (pulse, task): one fidelity + gradient of a batch of random pulses on tasks of meta_single,
+    divided by the batch; then the meta_single classical MAML run (iterations scaled down by --quick)."""
+    import torch
+
+    from config_schema import load_config
+    from meta.train import task_factory, train_meta
+    from noise.simulator import average_gate_fidelity
+
+    exp = load_config(META_SINGLE_CONFIG, only=["classical_maml"]).experiments[0]
+    rows = []
+    cases = [("markovian", 50, 0, 256), ("filter_function", 50, 0, 256), ("filter_function", 100, 0, 256),
+             ("trajectories", 50, 1000, 8), ("trajectories", 100, 1000, 8)]
+    for simulation, steps, trajectories, batch in cases:
+        noise = exp.meta.noise.model_copy(update={"time_steps": steps, "trajectories": max(trajectories, 64)})
+        factory = task_factory(exp.model_copy(update={"meta": exp.meta.model_copy(update={"noise": noise})}), simulation)
+        tasks = factory.sample(batch, np.random.default_rng(0))
+        gen = torch.Generator().manual_seed(0)
+        controls = (exp.meta.max_amplitude * (2 * torch.rand(batch, exp.meta.n_segments, 2, generator=gen, dtype=torch.float64) - 1))
+
+        def step(tasks=tasks, controls=controls):
+            c = controls.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(average_gate_fidelity(tasks.channel(c), tasks.target).sum(), c)
+            return g
+
+        _, median, _ = median_time(step, sizes.budget_s)
+        per = 1e3 * median / batch
+        rows.append({"kind": "fidelity+gradient", "simulation": simulation, "time_steps": steps if simulation != "markovian" else None,
+                     "trajectories": trajectories or None, "batch": batch, "ms_per_pulse_task": per, "wall_s": None,
+                     "fidelity_post": None, "baseline_steps": None, "train_s_per_iteration": None})
+        log(f"noise    {simulation:15s} steps {steps:3d} trajectories {trajectories:4d} batch {batch:3d}: {per:8.3f} ms per (pulse, task)")
+
+    class Quiet:
+        def metrics(self, values, step):
+            pass
+
+        def tags(self, values):
+            pass
+
+        def progress(self, step, total, value):
+            pass
+
+    for simulation in ("markovian", "filter_function", "trajectories"):
+        # trajectories: a MAML iteration takes seconds (second order through 8 x 1000 trajectories), so
+        # 20 iterations and 20 baseline steps give its rate; the others run the config as shipped
+        iterations = 20 if simulation == "trajectories" else 30 if sizes.budget_s < 1 else exp.meta.iterations
+        baselines = exp.meta.baselines
+        if simulation == "trajectories" or sizes.budget_s < 1:
+            baselines = baselines.model_copy(update={"robust_steps": min(baselines.robust_steps, iterations),
+                                                     "optimum_steps": min(baselines.optimum_steps, iterations)})
+        meta = exp.meta.model_copy(update={"iterations": iterations, "baselines": baselines,
+                                           "noise": exp.meta.noise.model_copy(update={"simulation": simulation})})
+        start = time.perf_counter()
+        result = train_meta(exp.model_copy(update={"meta": meta}), 0, Quiet())
+        wall = time.perf_counter() - start
+        rows.append({"kind": "meta_single classical_maml", "simulation": simulation, "time_steps": meta.fine_steps,
+                     "trajectories": meta.noise.trajectories if simulation == "trajectories" else None, "batch": iterations,
+                     "ms_per_pulse_task": None, "wall_s": wall, "fidelity_post": result.final_fidelity,
+                     "baseline_steps": baselines.robust_steps, "train_s_per_iteration": result.wall_s / iterations})
+        log(f"noise    meta_single classical MAML, {iterations} iterations, {simulation:15s}: {wall:7.1f} s "
+            f"(held-out F after adaptation {result.final_fidelity:.4f})")
     return rows
 
 
@@ -499,6 +568,16 @@ def markdown(results: dict[str, list[dict]], machine: dict[str, str]) -> str:
                         [[r["hidden"], str(r["n_params"]), str(r["n_points"]), fmt(r["seconds"]), f"{r['peak_rss_mb']:.0f}",
                           fmt(r["unchunked_shift_gb"], 3)] for r in results["estimators"]],
                         note="Shifted points are generated and evaluated in chunks of at most 2^22 entries (gradients.py).")
+    if results.get("noise"):
+        rows = results["noise"]
+        out += md_table("Qubit fidelity models: one fidelity with its gradient, per (pulse, task), batched over tasks",
+                        ["model", "fine steps", "trajectories", "batch", "ms per (pulse, task)"],
+                        [[r["simulation"], fmt(r["time_steps"]), fmt(r["trajectories"]), str(r["batch"]), fmt(r["ms_per_pulse_task"])]
+                         for r in rows if r["kind"] == "fidelity+gradient"])
+        out += md_table("meta_single, classical MAML run (train_meta in this process: baselines, training, evaluation, cross-check)",
+                        ["model", "iterations", "baseline steps", "wall s", "s per MAML iteration", "held-out F after adaptation"],
+                        [[r["simulation"], str(r["batch"]), str(r["baseline_steps"]), fmt(r["wall_s"]), fmt(r["train_s_per_iteration"]),
+                          fmt(r.get("fidelity_post"), 4)] for r in rows if r["kind"] != "fidelity+gradient"])
     return "\n".join(out)
 
 
@@ -615,6 +694,11 @@ def log_to_mlflow(tracking_uri: str, results: dict[str, list[dict]], machine: di
     for r in results.get("estimators", []):
         metrics[f"estimators/finite_diff_s/params_{r['n_params']}"] = r["seconds"]
         metrics[f"estimators/finite_diff_peak_rss_mb/params_{r['n_params']}"] = r["peak_rss_mb"]
+    for r in results.get("noise", []):
+        if r["ms_per_pulse_task"] is not None:
+            metrics[f"noise_ms_per_pulse_task/{r['simulation']}/steps_{r['time_steps']}"] = r["ms_per_pulse_task"]
+        else:
+            metrics[f"noise_meta_single_wall_s/{r['simulation']}"] = r["wall_s"]
     log_metrics(client, run_id, metrics, 0)
     for r in results.get("scaling", []):
         prefix = f"scaling/{r['backend']}/{r['method']}"
@@ -650,13 +734,16 @@ def run_sections(sections: list[str], sizes: Sizes) -> tuple[dict[str, list[dict
         results["memory"] = bench_memory(sizes, log)
     if "estimators" in sections:
         results["estimators"] = bench_estimators(sizes, log)
+    if "noise" in sections:
+        results["noise"] = bench_noise(sizes, log)
     return results, time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes: a check that everything runs")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS),
+                        help=f"default: {' '.join(DEFAULT_SECTIONS)} (noise only when named)")
     parser.add_argument("--only", nargs="+", metavar="BACKEND/METHOD", help="measure these pairs only (default: all)")
     parser.add_argument("--out", default="bench_results", help="folder for bench.md, the CSV files and bench.png")
     parser.add_argument("--qubits", nargs="+", type=int, metavar="N", help="qubit counts of the scaling section (default 2 4 ... 12)")

@@ -166,33 +166,54 @@ class FiniteDiffConfig(_Strict):
     scheme: Literal["central", "forward"] = "central"
 
 
-LOG_SCALE_PARAMETERS = ("A", "omega_c", "A2", "omega_c2")
+LOG_SCALE_PARAMETERS = ("A", "gamma_phi", "omega_c", "A2", "omega_c2")
 #: Bounds on every noise parameter (units of T = 1): beyond them rates under- or overflow.
 MIN_SCALE_VALUE, MAX_SCALE_VALUE = 1e-12, 1e12
 TASK_ALGORITHMS = {"cartpole": ("reinforce", "dqn"), "qubit_meta": ("maml", "fomaml", "reptile")}
 
 
 class NoiseConfig(_Strict):
-    """The task distribution of the qubit tasks (units of docs/CONVENTIONS.md §3: T = 1)."""
+    """The task distribution of the qubit tasks and the fidelity model (units of docs/CONVENTIONS.md §3: T = 1)."""
 
     dist_type: Literal["uniform", "log_uniform", "gaussian"] = "log_uniform"
-    """log_uniform: A, omega_c (A2, omega_c2) uniform in log, alpha and detuning uniform."""
+    """log_uniform: A or gamma_phi, omega_c (A2, omega_c2) uniform in log, alpha and detuning uniform."""
     ranges: dict[str, list[float]] = Field(
         default_factory=lambda: {"alpha": [0.5, 2.0], "A": [0.03, 1.5], "omega_c": [0.1, 10.0]}
     )
-    """(low, high) per parameter: alpha, A, omega_c; A2, omega_c2 for double_exp; optional detuning."""
+    """(low, high) per parameter: alpha, omega_c, and one strength: A (PSD amplitude) or gamma_phi
+    (Ramsey dephasing rate in 1/T, A solved per task: mixes shapes, not strengths); A2, omega_c2
+    for double_exp; optional detuning (1/T)."""
     range_scale: float = Field(1.0, gt=0, le=1)
     """Shrink every range about its centre (geometric centre for log-uniform parameters): sweeps task variance."""
     model_types: list[Literal["one_over_f", "lorentzian", "double_exp"]] = Field(default_factory=lambda: ["one_over_f"])
     model_probs: list[float] | None = None
-    sequence: Literal["ramsey", "echo", "cpmg"] = "ramsey"
-    """Filter function of the dephasing integral."""
-    n_pulses: int = Field(1, ge=1, le=64)
-    """pi pulses of CPMG."""
-    omega0: float = Field(5.0, gt=0)
-    """Qubit frequency (1/T) where the transverse spectrum sets relaxation."""
+    simulation: Literal["trajectories", "filter_function", "markovian"] = "filter_function"
+    """Fidelity model (noise/models.py): filter_function (first order, the pulse's own filter
+    function against the PSD), trajectories (Monte Carlo over Gaussian noise from the PSD, exact),
+    markovian (one Ramsey-filter Lindblad rate per task, the same for every pulse)."""
+    time_steps: int | None = Field(None, ge=1, le=100_000)
+    """Fine time steps per gate (filter_function, trajectories); a multiple of meta.n_segments,
+    fine enough that dt * max(sqrt(2) max_amplitude, omega_c high) <= 0.25. Unset: the smallest
+    multiple of n_segments that is at least 50 and fine enough (see MetaConfig.fine_steps)."""
+    trajectories: int = Field(1000, ge=1, le=1_000_000)
+    """Noise trajectories per task (trajectories model; at least 64), fixed per task (common random numbers)."""
+    omega0: float = Field(100.0, gt=0)
+    """Qubit frequency (1/T) where the transverse spectrum sets relaxation; at least
+    10 sqrt(2) max_amplitude, so that rotating-wave relaxation holds under the drive."""
     transverse_coupling: float = Field(1.0, ge=0)
-    """Transverse noise amplitude relative to the dephasing noise: Gamma_down = c^2 S(omega0)/4."""
+    """Transverse noise amplitude relative to the dephasing noise: Gamma_down = Gamma_up = c^2 S(omega0)/4."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in ("sequence", "n_pulses"):
+                if key in data:
+                    raise ValueError(
+                        f"field {key!r} was removed: it chose a filter for a pulse sequence that was never applied; "
+                        "the pulse's own filter function is used now (simulation: filter_function or trajectories)"
+                    )
+        return data
 
     @field_validator("ranges")
     @classmethod
@@ -219,6 +240,11 @@ class NoiseConfig(_Strict):
         except ValueError as exc:
             raise ValueError(str(exc)) from None
         return self
+
+    def omega_c_high(self) -> float:
+        """The largest corner frequency of the (scaled) task distribution."""
+        ranges = self.scaled_ranges()
+        return max(ranges[k][1] for k in ("omega_c", "omega_c2") if k in ranges)
 
     def distribution(self, model_types: list[str] | None = None) -> TaskDistribution:
         """The task distribution, ranges shrunk by ``range_scale``; ``model_types`` replaces the
@@ -301,6 +327,40 @@ class MetaConfig(_Strict):
     support: SupportConfig = SupportConfig()
     eval: MetaEvalConfig = MetaEvalConfig()
     baselines: BaselineConfig = BaselineConfig()
+
+    @property
+    def fine_steps(self) -> int:
+        """Fine time steps of the non-Markovian models: ``noise.time_steps``, or when unset the smallest
+        multiple of n_segments that is at least 50 and resolves the drive and the PSD corner."""
+        if self.noise.time_steps is not None:
+            return self.noise.time_steps
+        from noise.models import min_time_steps
+
+        need = max(50, min_time_steps(self.max_amplitude, self.noise.omega_c_high()))
+        return self.n_segments * math.ceil(need / self.n_segments)
+
+    @model_validator(mode="after")
+    def _noise_model_valid(self) -> MetaConfig:
+        from noise.models import MIN_TRAJECTORIES, check_drive, min_time_steps
+
+        noise = self.noise
+        try:
+            check_drive(noise.omega0, self.max_amplitude)
+        except ValueError as exc:
+            raise ValueError(f"noise.omega0: {exc}") from None
+        if noise.simulation == "trajectories" and noise.trajectories < MIN_TRAJECTORIES:
+            raise ValueError(f"noise.trajectories: {noise.trajectories} is too few for a standard error; need at least {MIN_TRAJECTORIES}")
+        if noise.simulation == "markovian" or noise.time_steps is None:
+            return self
+        if noise.time_steps % self.n_segments:
+            raise ValueError(f"noise.time_steps: {noise.time_steps} is not a multiple of n_segments {self.n_segments}")
+        need = min_time_steps(self.max_amplitude, noise.omega_c_high())
+        if noise.time_steps < need:
+            raise ValueError(
+                f"noise.time_steps: {noise.time_steps} steps do not resolve the drive and the PSD corner "
+                f"(max_amplitude {self.max_amplitude:.4g}, omega_c up to {noise.omega_c_high():.4g}); need at least {need}"
+            )
+        return self
 
 
 class ExperimentConfig(_Strict):

@@ -19,6 +19,7 @@ points evaluated as one batched call.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -166,27 +167,36 @@ def robust_pulse(
     sample_tasks: Callable[[int], QubitTasks], n_segments: int, max_amplitude: float, steps: int, batch: int,
     lr: float, generator: torch.Generator,
 ) -> torch.Tensor:
-    """One pulse (N, 2) for the whole distribution: Adam on the mean query loss over a fresh
-    batch of tasks each step. It never sees which task it is applied to."""
-    raw = (0.01 * torch.randn(n_segments, 2, generator=generator, dtype=torch.float64)).requires_grad_(True)
+    """One pulse (N, 2) for the whole distribution: Adam on the mean query loss over a fresh batch of
+    tasks each step, from the plain pi pulse about x (plus 0.01 noise to break its symmetry), the
+    learning rate decayed to zero on a cosine. It never sees which task it is applied to."""
+    start = torch.zeros(n_segments, 2, dtype=torch.float64)
+    start[:, 0] = min(math.pi, 0.9 * max_amplitude)
+    raw = (torch.atanh(start / max_amplitude) + 0.01 * torch.randn(n_segments, 2, generator=generator, dtype=torch.float64))
+    raw.requires_grad_(True)
     opt = torch.optim.Adam([raw], lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
     for _ in range(steps):
         tasks = sample_tasks(batch)
         loss = tasks.query_loss(_amplitudes(raw, max_amplitude).expand(len(tasks), -1, -1)).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
+        schedule.step()
     return _amplitudes(raw.detach(), max_amplitude)
 
 
 def per_task_optimum(tasks: QubitTasks, start: torch.Tensor, max_amplitude: float, steps: int, lr: float) -> torch.Tensor:
-    """Every task's own pulse (B, N, 2): Adam on its exact query loss from ``start`` (N, 2) — the upper bound."""
+    """Every task's own pulse (B, N, 2): Adam on its exact query loss from ``start`` ((N, 2), or (B, N, 2)
+    per task), the learning rate decayed to zero on a cosine — the upper bound."""
     clipped = start.clamp(-max_amplitude * (1 - 1e-9), max_amplitude * (1 - 1e-9))
     raw = torch.atanh(clipped / max_amplitude).expand(len(tasks), -1, -1).clone().requires_grad_(True)
     opt = torch.optim.Adam([raw], lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
     for _ in range(steps):
         loss = tasks.query_loss(_amplitudes(raw, max_amplitude)).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
+        schedule.step()
     return _amplitudes(raw.detach(), max_amplitude)

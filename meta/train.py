@@ -26,27 +26,44 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from config_schema import ExperimentConfig, NoiseConfig
+from config_schema import ExperimentConfig, MetaConfig, NoiseConfig
 from meta.algorithms import Losses, TaskGradients, adapt, meta_gradient, per_task_optimum, robust_pulse
 from meta.policies import PulsePolicy, build_pulse_policy
 from meta.tasks import QubitTasks, TaskFactory
 from noise import PSDToLindblad
+from noise.models import FF_VALIDITY, SIMULATIONS, FidelityModel, build_model
 from train import NonFiniteError, compile_metrics
-from utils import seed_everything
+from utils import seed_everything, select_device
 
 #: Offset of the seed of the held-out tasks: the same validation tasks for every backend and method.
 VALIDATION_SEED_OFFSET = 1_000_003
 
 
+#: Above this fraction of held-out tasks outside the filter function's validity, the run gets a ``warning`` tag.
+FF_VALIDITY_WARN_FRACTION = 0.1
+#: Offset of the seed of the noise realisations of the model cross-check (final/crosscheck/*).
+CROSSCHECK_SEED_OFFSET = 2_000_003
+
+
 def converter_for(noise: NoiseConfig) -> PSDToLindblad:
-    return PSDToLindblad(sequence=noise.sequence, n_pulses=noise.n_pulses, omega0=noise.omega0,
-                         transverse_coupling=noise.transverse_coupling)
+    """Ramsey-filter dephasing rate (markovian model, gamma_phi features) and golden-rule relaxation at omega0."""
+    return PSDToLindblad(omega0=noise.omega0, transverse_coupling=noise.transverse_coupling)
 
 
-def task_factory(exp: ExperimentConfig) -> TaskFactory:
+def fidelity_model(meta: MetaConfig, simulation: str | None = None) -> FidelityModel:
+    return build_model(simulation or meta.noise.simulation, meta.fine_steps, meta.noise.trajectories)
+
+
+def simulation_device(exp: ExperimentConfig) -> str:
+    """The config's device for the noise simulation; MPS lacks complex128, so it falls back to the CPU."""
+    device = select_device(exp.device)
+    return "cpu" if device == "mps" else device
+
+
+def task_factory(exp: ExperimentConfig, simulation: str | None = None, device: str = "cpu") -> TaskFactory:
     meta = exp.meta
-    return TaskFactory(meta.noise.distribution(), converter_for(meta.noise), meta.target_gate, meta.task_input,
-                       meta.fidelity, meta.support.states, meta.support.shots)
+    return TaskFactory(meta.noise.distribution(), converter_for(meta.noise), fidelity_model(meta, simulation),
+                       meta.target_gate, meta.task_input, meta.fidelity, meta.support.states, meta.support.shots, device)
 
 
 @dataclass
@@ -57,6 +74,8 @@ class Evaluation:
     by_k: dict[int, np.ndarray]
     robust: np.ndarray | None = None
     optimum: np.ndarray | None = None
+    pulses: dict[str, torch.Tensor] | None = None
+    """Controls (B, N, 2) behind the numbers: ``k<k>`` after k adaptation steps, ``robust``, ``optimum``."""
 
     def mean(self, k: int, mask: np.ndarray | None = None) -> float:
         values = self.by_k[k] if mask is None else self.by_k[k][mask]
@@ -82,6 +101,8 @@ class MetaResult:
     """Circuits executed by meta-training (all of them serve gradients); evaluation excluded."""
     wall_s: float
     baselines_s: float
+    crosscheck: dict[str, float]
+    """The final pulses re-evaluated under every fidelity model, and the model diagnostics (final/crosscheck/*, final/diag/*)."""
 
     @property
     def iterations(self) -> int:
@@ -109,8 +130,7 @@ class MetaResult:
             "final/total_circuit_evals": self.policy.circuit_evals,
             "final/train_s": self.wall_s,
             "time/baselines_s": self.baselines_s,
-            "final/task_variance_raw": self.variance["raw"],
-            "final/task_variance_rates": self.variance["rates"],
+            **{f"final/task_variance_{key}": value for key, value in self.variance.items()},
             **{f"final/fidelity_k{kk}": ev.mean(kk) for kk in ev.by_k},
         }
         if ev.robust is not None:
@@ -131,6 +151,7 @@ class MetaResult:
                 m[f"final/heldout/{model}/fidelity_robust"] = float(hev.robust.mean())
             if hev.optimum is not None:
                 m[f"final/heldout/{model}/fidelity_optimum"] = float(hev.optimum.mean())
+        m.update(self.crosscheck)
         m.update(compile_metrics(self.policy))
         return m
 
@@ -165,33 +186,71 @@ def evaluate(
     losses: Losses, grads: TaskGradients, theta: torch.Tensor, tasks: QubitTasks, k_values: list[int], inner_lr: float,
     robust: torch.Tensor | None = None, optimum_steps: int = 0, optimum_lr: float = 0.05, max_amplitude: float = 1.0,
 ) -> Evaluation:
-    """Fidelity on ``tasks`` after k adaptation steps (support loss) for every k in ``k_values``."""
+    """Fidelity on ``tasks`` after k adaptation steps (support loss) for every k in ``k_values``; the
+    robust pulse's; and the per-task optimum (Adam from the better of the robust pulse and the pulse
+    after max(k_values) adaptation steps, per task)."""
     by_k: dict[int, np.ndarray] = {}
     wanted = set(k_values)
+
+    controls: dict[str, torch.Tensor] = {}
 
     def record(k: int, phi: torch.Tensor) -> None:
         if k in wanted:
             with torch.no_grad():
-                by_k[k] = (1 - losses.query(phi, tasks)).numpy().copy()
+                controls[f"k{k}"] = losses.controls(phi, tasks).detach()
+                by_k[k] = tasks.fidelity(controls[f"k{k}"]).cpu().numpy().copy()
 
     start = theta.detach().expand(len(tasks), -1).clone()
     adapt(losses, grads, start, tasks, max(k_values), inner_lr, on_step=record)
-    ev = Evaluation(tasks.model_types, by_k)
+    ev = Evaluation(tasks.model_types, by_k, pulses=controls)
     if robust is not None:
+        controls["robust"] = robust.expand(len(tasks), -1, -1)
         with torch.no_grad():
-            ev.robust = tasks.fidelity(robust.expand(len(tasks), -1, -1)).numpy()
+            ev.robust = tasks.fidelity(controls["robust"]).cpu().numpy()
         if optimum_steps > 0:
-            pulses = per_task_optimum(tasks, robust, max_amplitude, optimum_steps, optimum_lr)
+            # from the better of the robust pulse and the most-adapted pulse, task by task
+            adapted = controls[f"k{max(k_values)}"]
+            better = torch.as_tensor(by_k[max(k_values)] > ev.robust)[:, None, None]
+            start_pulses = torch.where(better, adapted, controls["robust"])
+            controls["optimum"] = per_task_optimum(tasks, start_pulses, max_amplitude, optimum_steps, optimum_lr)
             with torch.no_grad():
-                ev.optimum = tasks.fidelity(pulses).numpy()
+                ev.optimum = tasks.fidelity(controls["optimum"]).cpu().numpy()
     return ev
+
+
+def model_diagnostics(tasks: QubitTasks, pulses: dict[str, torch.Tensor], prefix: str) -> dict[str, float]:
+    """filter_function: fraction of tasks whose first-order noise infidelity exceeds FF_VALIDITY
+    (outside the model's validity) per pulse; trajectories: standard error of the mean fidelity."""
+    out = {}
+    for name, controls in pulses.items():
+        diag = tasks.diagnostics(controls)
+        if "noise_infidelity" in diag:
+            out[f"{prefix}/ff_outside_validity/{name}"] = float(np.mean(diag["noise_infidelity"] > FF_VALIDITY))
+        if "stderr" in diag:
+            out[f"{prefix}/stderr/{name}"] = float(np.sqrt(np.sum(diag["stderr"] ** 2)) / len(diag["stderr"]))
+    return out
+
+
+def crosscheck(exp: ExperimentConfig, factory: TaskFactory, tasks: QubitTasks, pulses: dict[str, torch.Tensor], seed: int) -> dict[str, float]:
+    """The same pulses on the same tasks under every fidelity model (final/crosscheck/<model>/fidelity_<pulse>)."""
+    out = {}
+    for simulation in SIMULATIONS:
+        model = fidelity_model(exp.meta, simulation)
+        same = factory.make(tasks.tasks, np.random.default_rng(seed + CROSSCHECK_SEED_OFFSET), model)
+        with torch.no_grad():
+            for name, controls in pulses.items():
+                out[f"final/crosscheck/{simulation}/fidelity_{name}"] = float(same.fidelity(controls).mean())
+        out.update(model_diagnostics(same, pulses, f"final/crosscheck/{simulation}"))
+    return out
 
 
 def train_meta(exp: ExperimentConfig, seed: int, reporter) -> MetaResult:
     meta = exp.meta
     seed_everything(seed)
-    reporter.tags({"device": "cpu", "device_note": "qubit tasks simulate 4x4 superoperators on the CPU"})
-    factory = task_factory(exp)
+    device = simulation_device(exp)
+    reporter.tags({"device": device, "device_note": "noise simulation on this device (float64/complex128); the policy on the CPU",
+                   "simulation": exp.meta.noise.simulation})
+    factory = task_factory(exp, device=device)
     policy = build_pulse_policy(exp, factory.n_inputs)
     shots_gen = torch.Generator().manual_seed(seed + 1)
     losses = Losses(policy, shots_gen)
@@ -201,7 +260,7 @@ def train_meta(exp: ExperimentConfig, seed: int, reporter) -> MetaResult:
     val_rng = np.random.default_rng(seed + VALIDATION_SEED_OFFSET)
     val_tasks = factory.sample(meta.eval.n_tasks, val_rng)
     heldout_tasks = {
-        model: factory.make(meta.noise.distribution([model]).sample(meta.eval.n_tasks, val_rng))
+        model: factory.make(meta.noise.distribution([model]).sample(meta.eval.n_tasks, val_rng), val_rng.spawn(1)[0])
         for model in (meta.eval.model_types or [])
     }
     reporter.tags({"n_params": str(policy.n_params), "task_inputs": str(factory.n_inputs)})
@@ -251,6 +310,7 @@ def train_meta(exp: ExperimentConfig, seed: int, reporter) -> MetaResult:
             pre, post = ev.mean(0), ev.mean(meta.inner_steps)
             validation.append((it, pre, post))
             metrics.update({"meta/val_fidelity_pre": pre, "meta/val_fidelity_post": post, "meta/adaptation_gain": post - pre})
+            metrics.update(model_diagnostics(val_tasks, {"post": ev.pulses[f"k{meta.inner_steps}"]}, "noise"))
             metrics["time/iterations_per_s"] = it / (time.monotonic() - start)
         reporter.metrics(metrics, it)
         reporter.progress(it, meta.iterations, validation[-1][2] if validation else float("nan"))
@@ -265,8 +325,18 @@ def train_meta(exp: ExperimentConfig, seed: int, reporter) -> MetaResult:
     for k in k_values:
         reporter.metrics({"meta/fidelity_vs_k": final.mean(k)}, k)
     variance = factory.distribution.compute_variance(factory.converter, n_samples=2000, seed=seed)
+    k_post = meta.inner_steps
+    final_pulses = {name: final.pulses[key] for name, key in (("pre", "k0"), ("post", f"k{k_post}"), ("robust", "robust"),
+                                                                ("optimum", "optimum")) if key in final.pulses}
+    checks = model_diagnostics(val_tasks, final_pulses, "final/diag")
+    outside = checks.get("final/diag/ff_outside_validity/post", 0.0)
+    if outside > FF_VALIDITY_WARN_FRACTION:
+        reporter.tags({"warning": f"filter_function: {outside:.0%} of the held-out tasks have a first-order noise infidelity above "
+                                  f"{FF_VALIDITY} (outside the model's validity); compare final/crosscheck/trajectories/* or use "
+                                  "simulation: trajectories"})
+    checks.update(crosscheck(exp, factory, val_tasks, final_pulses, seed))
     result = MetaResult(exp, theta.detach(), robust, policy, train_loss, validation, final, heldout, variance,
-                        grads.loss_evaluations, grad_circuit_evals, wall_s, baselines_s + time.monotonic() - t1)
+                        grads.loss_evaluations, grad_circuit_evals, wall_s, baselines_s + time.monotonic() - t1, checks)
     return result
 
 

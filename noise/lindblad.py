@@ -1,6 +1,6 @@
 """From a noise PSD to Lindblad rates: filter-function dephasing and golden-rule relaxation.
 
-Conventions (DESIGN.md section 6; Cywinski et al., PRB 77, 174509 (2008)):
+Conventions (docs/CONVENTIONS.md §3; Cywinski et al., PRB 77, 174509 (2008)):
 
 - Dephasing noise couples as H = (xi(t)/2) sigma_z with two-sided PSD S(omega). Under a pulse
   sequence with switching function f(t) = +/-1 (pi pulses at fractions tau_k of the time T) the

@@ -1,6 +1,6 @@
 """Differentiable single-qubit Lindblad simulator with piecewise-constant controls.
 
-Rotating frame, T = 1 by default (DESIGN.md section 6)::
+Rotating frame, T = 1 by default (docs/CONVENTIONS.md §3)::
 
     H(t) = (delta/2) sigma_z + (u_x(t)/2) sigma_x + (u_y(t)/2) sigma_y,   u constant on N segments
     d rho/dt = -i[H, rho] + sum_k (L_k rho L_k^+ - {L_k^+ L_k, rho}/2)

@@ -18,9 +18,10 @@ from noise.simulator import average_gate_fidelity
 DETERMINISTIC_SUPPORT = {"states": 6, "shots": 0}  # exact: equals the query loss in value
 
 
-def setup(backend="classical", support=None, n_tasks=3, seed=0, **extra):
+def setup(backend="classical", support=None, n_tasks=3, seed=0, meta_noise=None, **extra):
     meta = {"n_segments": 4, "support": support or DETERMINISTIC_SUPPORT,
-            "noise": {"ranges": {"alpha": [0.5, 2.0], "A": [0.03, 1.5], "omega_c": [0.1, 10.0], "detuning": [-1.0, 1.0]}}}
+            "noise": {"ranges": {"alpha": [0.5, 2.0], "A": [0.03, 1.5], "omega_c": [0.1, 10.0], "detuning": [-1.0, 1.0]},
+                      **(meta_noise or {})}}
     exp = experiment(task="qubit_meta", backend=backend, gradient=extra.pop("gradient", "backprop"),
                      algorithm=extra.pop("algorithm", "fomaml"),
                      model={"n_qubits": 2, "n_layers": 1, "hidden_sizes": [6]}, meta=meta,
@@ -174,6 +175,18 @@ def test_range_scale_shrinks_about_the_centre():
         ({"backend": "classical", "gradient": "backprop", "meta": {"noise": {"model_types": ["double_exp"]}}}, "A2 and omega_c2"),
         ({"backend": "classical", "gradient": "backprop", "meta": {"support": {"states": 7}}}, "support.states"),
         ({"backend": "classical", "gradient": "backprop", "meta": {"eval": {"k_values": [5, 1]}}}, "k_values"),
+        ({"backend": "classical", "gradient": "backprop", "meta": {"noise": {"simulation": "exact"}}},
+         "'trajectories', 'filter_function' or 'markovian'"),
+        ({"backend": "classical", "gradient": "backprop", "meta": {"noise": {"time_steps": 20}}}, "noise.time_steps: 20 steps do not resolve"),
+        ({"backend": "classical", "gradient": "backprop", "meta": {"noise": {"time_steps": 105}}}, "not a multiple of n_segments 10"),
+        ({"backend": "classical", "gradient": "backprop", "meta": {"noise": {"simulation": "trajectories", "trajectories": 10}}},
+         "noise.trajectories: 10 is too few"),
+        ({"backend": "classical", "gradient": "backprop", "meta": {"noise": {"omega0": 5.0}}}, "not well above the largest Rabi frequency"),
+        ({"backend": "classical", "gradient": "backprop", "meta": {"noise": {"sequence": "echo"}}}, "field 'sequence' was removed"),
+        ({"backend": "classical", "gradient": "backprop",
+          "meta": {"noise": {"ranges": {"alpha": [0.5, 2], "A": [0.1, 1], "gamma_phi": [0.01, 0.1], "omega_c": [1, 2]}}}}, "exactly one strength"),
+        ({"backend": "classical", "gradient": "backprop",
+          "meta": {"noise": {"ranges": {"alpha": [0.5, 2], "gamma_phi": [0.1, 0.01], "omega_c": [1, 2]}}}}, "ranges.gamma_phi: need low <= high"),
     ],
 )
 def test_invalid_qubit_meta_configs_are_one_line_errors(fields, message):
@@ -200,6 +213,8 @@ def test_qubit_meta_runs_pass_on_every_backend(tmp_path):
             {"name": "pl_adjoint_fomaml", "backend": "pennylane", "gradient": "adjoint", "algorithm": "fomaml"},
             {"name": "tc_shift_reptile", "backend": "tensorcircuit", "gradient": "parameter-shift", "algorithm": "reptile"},
             {"name": "classical_fd_fomaml", "backend": "classical", "gradient": "finite-diff", "algorithm": "fomaml"},
+            {"name": "classical_traj_maml", "backend": "classical", "gradient": "backprop", "algorithm": "maml",
+             "meta": {"noise": {"simulation": "trajectories", "trajectories": 64}}},
         ],
     }
     proc = run_py(tmp_path, config)
@@ -207,7 +222,7 @@ def test_qubit_meta_runs_pass_on_every_backend(tmp_path):
     assert "heldout_fidelity" in proc.stdout and "gap_to_robust" in proc.stdout and "final_avg_return" not in proc.stdout
     client, runs = runs_by_name(tmp_path)
     for name in ("classical_maml", "pl_maml", "tc_fomaml", "pl_spsa_reptile", "pl_adjoint_fomaml", "tc_shift_reptile",
-                 "classical_fd_fomaml"):
+                 "classical_fd_fomaml", "classical_traj_maml"):
         run = runs[f"{name}-seed0"]
         assert run.data.tags["status"] == "PASSED", run.data.tags.get("error")
         m = run.data.metrics
@@ -216,6 +231,12 @@ def test_qubit_meta_runs_pass_on_every_backend(tmp_path):
                     "final/heldout/lorentzian/fidelity_post", "final/by_model/one_over_f/fidelity_post"):
             assert key in m and math.isfinite(m[key]), key
         assert 0 < m["final/fidelity_post"] <= 1
+        for simulation in ("markovian", "filter_function", "trajectories"):
+            assert 0 < m[f"final/crosscheck/{simulation}/fidelity_post"] <= 1
+        assert 0 <= m["final/crosscheck/filter_function/ff_outside_validity/post"] <= 1
+        assert m["final/crosscheck/trajectories/stderr/post"] > 0
+        own = run.data.params["meta.noise.simulation"]
+        assert m[f"final/crosscheck/{own}/fidelity_post"] == pytest.approx(m["final/fidelity_post"], abs=1e-12 if own != "trajectories" else 0.05)
         if not name.startswith("classical"):
             assert 0 < m["final/grad_circuit_evals"] <= m["final/total_circuit_evals"]
         assert [h.step for h in client.get_metric_history(run.info.run_id, "meta/fidelity_vs_k")] == [0, 1, 2]
@@ -224,3 +245,11 @@ def test_qubit_meta_runs_pass_on_every_backend(tmp_path):
         assert {"fidelity_vs_k.png", "fidelity_by_model.png", "learning_curve.png", "model"} <= artifacts
     parent = next(r for r in runs.values() if r.data.tags.get("kind") == "sweep")
     assert "gap_vs_variance.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_every_fidelity_model_runs_the_meta_losses_with_gradients():
+    for simulation in ("filter_function", "trajectories", "markovian"):
+        exp, policy, tasks, losses, theta = setup(meta_noise={"simulation": simulation, "time_steps": 40, "trajectories": 64})
+        assert tasks.model.name == simulation
+        g, info = meta_gradient("maml", losses, autograd(), theta, tasks, inner_steps=1, inner_lr=0.05)
+        assert torch.isfinite(g).all() and (g.abs() > 0).any() and 0 < info["query_loss_post"] < 1
