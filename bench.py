@@ -424,6 +424,8 @@ def bench_estimators(sizes: Sizes, log: Callable[[str], None]) -> list[dict]:
                      "peak_rss_mb": probe["peak_rss_mb"], "unchunked_shift_gb": p * p * 8 / 1e9})
         log(f"estimate classical finite-diff {p:6d} parameters: {probe['seconds']:7.2f} s, peak RSS {probe['peak_rss_mb']:.0f} MB "
             f"(one unchunked call: a {rows[-1]['unchunked_shift_gb']:.1f} GB P x P shift matrix)")
+    return rows
+
 
 def bench_noise(sizes: Sizes, log: Callable[[str], None]) -> list[dict]:
     """Per (pulse, task): one fidelity + gradient of a batch of random pulses on tasks of meta_single,

@@ -261,7 +261,8 @@ class NoiseConfig(_Strict):
             if self.dist_type == "log_uniform" and key in LOG_SCALE_PARAMETERS and lo > 0:
                 log_lo, log_hi = math.log(lo), math.log(hi)  # in logs: no underflow of lo * hi
                 centre = (log_lo + log_hi) / 2
-                out[key] = (math.exp(centre - s * (centre - log_lo)), math.exp(centre + s * (log_hi - centre)))
+                scaled = (math.exp(centre - s * (centre - log_lo)), math.exp(centre + s * (log_hi - centre)))
+                out[key] = (lo, hi) if s == 1 else (max(lo, scaled[0]), min(hi, scaled[1]))  # no round-off past the ends
             else:
                 centre = (lo + hi) / 2
                 out[key] = (centre - s * (centre - lo), centre + s * (hi - centre))

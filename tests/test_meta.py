@@ -186,7 +186,7 @@ def test_range_scale_shrinks_about_the_centre():
         ({"backend": "classical", "gradient": "backprop",
           "meta": {"noise": {"ranges": {"alpha": [0.5, 2], "A": [0.1, 1], "gamma_phi": [0.01, 0.1], "omega_c": [1, 2]}}}}, "exactly one strength"),
         ({"backend": "classical", "gradient": "backprop",
-          "meta": {"noise": {"ranges": {"alpha": [0.5, 2], "gamma_phi": [0.1, 0.01], "omega_c": [1, 2]}}}}, "ranges.gamma_phi: need low <= high"),
+          "meta": {"noise": {"ranges": {"alpha": [0.5, 2], "gamma_phi": [0.1, 0.01], "omega_c": [1, 2]}}}}, "gamma_phi: inverted range"),
     ],
 )
 def test_invalid_qubit_meta_configs_are_one_line_errors(fields, message):
