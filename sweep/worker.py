@@ -118,7 +118,9 @@ def _log_policy_model(tracking_uri: str, run_id: str, model) -> None:
 
     from train import ENV_ID
 
-    example = np.zeros((1, *gym.spec(ENV_ID).make().observation_space.shape))
+    env = gym.make(ENV_ID)
+    example = np.zeros((1, *env.observation_space.shape))
+    env.close()
     with torch.no_grad():
         output = model(torch.as_tensor(example)).cpu().numpy()
     requirements = [f"{name}=={version}" for name, version in library_versions().items() if version != "not installed"]
@@ -129,7 +131,7 @@ def _log_policy_model(tracking_uri: str, run_id: str, model) -> None:
 
 
 def run_worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_id: str, resume: bool, events,
-                tags: dict[str, str] | None = None, system_metrics: bool = False) -> bool:
+               tags: dict[str, str] | None = None, system_metrics: bool = False) -> bool:
     """Train one run, logging to its MLflow run; ``events`` (anything with ``send``) carries
     progress, then ("done", summary) or ("error", message). Returns whether it succeeded."""
     import torch
@@ -183,11 +185,14 @@ def run_worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_
             monitor.finish()
             monitor.collect_metrics()
             last = {f"system/{k}": v for k, v in monitor.aggregate_metrics().items()}
-            log_metrics(client, run_id, last, int((time.monotonic() - monitor_start) / SYSTEM_METRICS_S) + 1)
+            try:
+                log_metrics(client, run_id, last, int((time.monotonic() - monitor_start) / SYSTEM_METRICS_S) + 1)
+            except Exception as exc:  # noqa: BLE001 - the run's result stands; the loss is reported in worker_output.txt
+                print(f"warning: the last system-metrics sample was not logged: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 def local_worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_id: str, resume: bool,
-            system_metrics: bool, output_path: str | None, events: Connection) -> None:
+                 system_metrics: bool, output_path: str | None, events: Connection) -> None:
     """The local executor's worker process; ``events`` is the sending end of a pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C for the sweep
     die_with_parent()  # its parent is the forkserver, which dies with the sweep (see sweep.lifeline)
