@@ -1,4 +1,4 @@
-"""Noise of the qubit tasks: PSD models and task distributions (psd), PSD -> Lindblad rates
+"""Noise of the qubit tasks: PSD models and noise parameters (spectra), task distributions (psd), PSD -> Lindblad rates
 (lindblad), the differentiable Lindblad simulator with gate fidelities (simulator), and the
 fidelity models in which the pulse meets the PSD: filter function, trajectories, markovian (models)."""
 

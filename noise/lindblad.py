@@ -35,7 +35,7 @@ from functools import cached_property
 
 import numpy as np
 
-from noise.psd import MODEL_TYPES, NoiseParameters
+from noise.spectra import MODEL_TYPES, NoiseParameters
 
 SEQUENCES = ("ramsey", "echo", "cpmg")
 

@@ -55,8 +55,8 @@ import numpy as np
 import torch
 
 from noise.lindblad import _gauss_legendre
-from noise.psd import NoiseParameters
 from noise.simulator import CDTYPE, SX, SY, SZ, kron, simulate
+from noise.spectra import NoiseParameters
 
 SIMULATIONS = ("trajectories", "filter_function", "markovian")
 #: omega0 must be at least this many times the largest Rabi frequency sqrt(2) max_amplitude.
