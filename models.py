@@ -609,6 +609,13 @@ class ParameterShiftCircuit(CircuitBackend):
 # Models
 
 
+def compile_metrics(model) -> dict[str, float]:
+    """``time/n_compiles`` and ``time/compile_s`` so far, for models whose circuits compile."""
+    if model.n_compiles is None:
+        return {}
+    return {"time/n_compiles": model.n_compiles, "time/compile_s": model.compile_s}
+
+
 class CircuitCounters:
     """``circuit_evals``, ``n_compiles`` and ``compile_s`` of the model's circuit backend; 0, None
     and None for a classical model (no ``circuit``)."""

@@ -26,18 +26,14 @@ import torch
 
 import gradients
 from config_schema import ExperimentConfig
-from models import PolicyModel, build_model
-from utils import seed_everything, select_device, simulation_device
+from models import PolicyModel, build_model, compile_metrics
+from utils import NonFiniteError, seed_everything, select_device, simulation_device
 
 ENV_ID = "CartPole-v1"
 AVG_WINDOW = 10
 
 #: f(outputs (..., N, A)) -> loss (...)
 OutputLoss = Callable[[torch.Tensor], torch.Tensor]
-
-
-class NonFiniteError(FloatingPointError):
-    """Training produced NaN or infinity; the message names what and where."""
 
 
 class Reporter(Protocol):
@@ -123,13 +119,6 @@ class TrainResult:
 def cpu_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's weights as CPU tensors of their own (safe to save while training goes on)."""
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
-def compile_metrics(model) -> dict[str, float]:
-    """``time/n_compiles`` and ``time/compile_s`` so far, for models whose circuits compile."""
-    if model.n_compiles is None:
-        return {}
-    return {"time/n_compiles": model.n_compiles, "time/compile_s": model.compile_s}
 
 
 def learning_curve_figure(returns: list[float], title: str):

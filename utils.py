@@ -22,6 +22,10 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TRACKED_LIBRARIES = ("torch", "pennylane", "tensorcircuit-ng", "jax", "gymnasium", "mlflow", "numpy")
 
 
+class NonFiniteError(FloatingPointError):
+    """Training produced NaN or infinity; the message names what and where."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Devices
 

@@ -30,10 +30,10 @@ from config_schema import ExperimentConfig, MetaConfig, NoiseConfig
 from meta.algorithms import Losses, TaskGradients, adapt, meta_gradient, per_task_optimum, robust_pulse
 from meta.policies import PulsePolicy, build_pulse_policy
 from meta.tasks import QubitTasks, TaskFactory
+from models import compile_metrics
 from noise import PSDToLindblad
 from noise.models import FF_VALIDITY, SIMULATIONS, FidelityModel, build_model
-from train import NonFiniteError, compile_metrics
-from utils import seed_everything, select_device
+from utils import NonFiniteError, seed_everything, select_device
 
 #: Offset of the seed of the held-out tasks: the same validation tasks for every backend and method.
 VALIDATION_SEED_OFFSET = 1_000_003
