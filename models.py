@@ -343,11 +343,11 @@ def use_tensorcircuit(math_backend: str):
     starts any thread, and no traced or hot path switches backends again. Returns the module."""
     import tensorcircuit as tc
 
-    # Its jax backend warns "optax not installed" on creation; we use no optax optimiser.
-    logging.getLogger("tensorcircuit.backends.jax_backend").setLevel(logging.ERROR)
     if tc.dtypestr != "complex128":
         tc.set_dtype("complex128")  # also switches jax to x64
     if tc.backend.name != math_backend:
+        # Its jax backend warns "optax not installed" when created; we use no optax optimiser.
+        logging.getLogger("tensorcircuit.backends.jax_backend").setLevel(logging.ERROR)
         tc.set_backend(math_backend)
     return tc
 
