@@ -126,9 +126,9 @@ def reference_experiment(backend: str, gradient: str, device: str = "cpu", **fie
 
 
 def all_pairs() -> list[tuple[str, str]]:
-    from config_schema import BACKENDS, SUPPORTED_GRADIENTS
+    from backends import BACKENDS
 
-    pairs = [(b, g) for b in BACKENDS for g in SUPPORTED_GRADIENTS[b]]
+    pairs = [(b.name, g) for b in BACKENDS for g in b.gradients]
     return pairs + [(v, g) for v, methods in VARIANT_METHODS.items() for g in methods]
 
 

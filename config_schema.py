@@ -20,22 +20,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
+from backends import BACKENDS, GRADIENT_METHODS
 from noise.psd import TaskDistribution
 
-BACKENDS = ("classical", "pennylane", "tensorcircuit")
-GRADIENTS = ("backprop", "adjoint", "parameter-shift", "spsa", "finite-diff")
-#: Which gradient methods each backend can do. Adjoint needs a state-vector simulator that
-#: supports it (PennyLane); parameter shift needs rotation gates (not a classical MLP).
-SUPPORTED_GRADIENTS: dict[str, tuple[str, ...]] = {
-    "classical": ("backprop", "spsa", "finite-diff"),
-    "pennylane": ("backprop", "adjoint", "parameter-shift", "spsa", "finite-diff"),
-    "tensorcircuit": ("backprop", "parameter-shift", "spsa", "finite-diff"),
-}
-CARTPOLE_N_ACTIONS = 2
 MAX_HIDDEN_WIDTH, MAX_HIDDEN_LAYERS = 4096, 8
-_OBSERVABLE_RE = re.compile(r"-?(Z\d+)+")
 
 
 class ConfigError(Exception):
@@ -169,7 +159,6 @@ class FiniteDiffConfig(_Strict):
 LOG_SCALE_PARAMETERS = ("A", "gamma_phi", "omega_c", "A2", "omega_c2")
 #: Bounds on every noise parameter (units of T = 1): beyond them rates under- or overflow.
 MIN_SCALE_VALUE, MAX_SCALE_VALUE = 1e-12, 1e12
-TASK_ALGORITHMS = {"cartpole": ("reinforce", "dqn"), "qubit_meta": ("maml", "fomaml", "reptile")}
 
 
 class NoiseConfig(_Strict):
@@ -365,26 +354,39 @@ class MetaConfig(_Strict):
 
 
 class ExperimentConfig(_Strict):
+    """What every experiment has, whatever its task. Each task (``tasks/``) subclasses this with
+    ``task: Literal[name]``, its algorithms and its own sections; :func:`parse_experiment` picks
+    the class from ``task``."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$", max_length=200)
-    task: Literal["cartpole", "qubit_meta"] = "cartpole"
-    algorithm: Literal["reinforce", "dqn", "maml", "fomaml", "reptile"] = "reinforce"
-    backend: Literal["classical", "pennylane", "tensorcircuit"]
-    gradient: Literal["backprop", "adjoint", "parameter-shift", "spsa", "finite-diff"]
+    task: str
+    algorithm: str
+    backend: str
+    gradient: str
     model: ModelConfig = ModelConfig()
     pennylane: PennyLaneConfig = PennyLaneConfig()
     tensorcircuit: TensorCircuitConfig = TensorCircuitConfig()
-    training: TrainingConfig = TrainingConfig()
     spsa: SPSAConfig = SPSAConfig()
     finite_diff: FiniteDiffConfig = FiniteDiffConfig()
     seed: int | None = Field(None, ge=0, lt=2**32)
     seeds: list[int] | None = None
-    meta: MetaConfig = MetaConfig()
-    """qubit_meta only: the tasks, the meta-learner and its evaluation."""
     timeout_s: float = Field(600.0, gt=0, le=7 * 24 * 3600)
     """Hard wall-clock limit of one run (its own process is killed at this time)."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     ray: RayConfig = RayConfig()
     """Resources of one run under ``run.py --executor ray``."""
+
+    @field_validator("backend")
+    @classmethod
+    def _backend_registered(cls, v: str) -> str:
+        BACKENDS.get(v)
+        return v
+
+    @field_validator("gradient")
+    @classmethod
+    def _gradient_registered(cls, v: str) -> str:
+        GRADIENT_METHODS.get(v)
+        return v
 
     @field_validator("seeds")
     @classmethod
@@ -398,66 +400,23 @@ class ExperimentConfig(_Strict):
                 raise ValueError("seeds must be distinct")
         return v
 
-    @model_validator(mode="before")
-    @classmethod
-    def _task_default_algorithm(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("task") == "qubit_meta" and "algorithm" not in data:
-            data = {**data, "algorithm": "maml"}
-        return data
-
     @model_validator(mode="after")
-    def _combinations(self) -> ExperimentConfig:
-        algorithms = TASK_ALGORITHMS[self.task]
-        if self.algorithm not in algorithms:
-            raise ValueError(
-                f"field 'algorithm': {self.algorithm!r} does not apply to task {self.task!r}; allowed: {', '.join(algorithms)}"
-            )
-        if self.algorithm == "maml" and not self.second_order_capable:
-            raise ValueError(
-                "field 'algorithm': 'maml' differentiates through the inner loop (second order), which needs "
-                "gradient 'backprop' on classical, pennylane with interface 'auto' or 'torch', or tensorcircuit with math_backend 'pytorch'; "
-                f"got backend {self.backend!r}, gradient {self.gradient!r}; allowed instead: fomaml, reptile"
-            )
-        allowed = SUPPORTED_GRADIENTS[self.backend]
-        if self.gradient not in allowed:
+    def _backend_and_gradient(self) -> ExperimentConfig:
+        backend = BACKENDS.get(self.backend)
+        if self.gradient not in backend.gradients:
             raise ValueError(
                 f"field 'gradient': {self.gradient!r} is not available on backend {self.backend!r}; "
-                f"allowed: {', '.join(allowed)}"
+                f"allowed: {', '.join(backend.gradients)}"
             )
-        if self.backend == "pennylane" and self.pennylane.device == "lightning.qubit" and self.gradient == "backprop":
-            raise ValueError(
-                "field 'pennylane.device': lightning.qubit cannot do backprop; "
-                "allowed with backprop: auto, default.qubit"
-            )
-        if self.backend == "pennylane" and self.pennylane.interface == "jax":
-            if self.gradient == "adjoint" or self.pennylane.device == "lightning.qubit":
-                raise ValueError(
-                    "field 'pennylane.interface': 'jax' runs default.qubit with backprop under jax.jit; "
-                    "adjoint and lightning.qubit need interface 'torch' (or 'auto')"
-                )
+        backend.check(self)
+        from tasks import TASKS  # the task's registration names its algorithms (and trains them)
+
+        algorithms = TASKS.get(self.task).algorithms
+        if self.algorithm not in algorithms:
+            raise ValueError(f"field 'algorithm': {self.algorithm!r} does not apply to task {self.task!r}; "
+                             f"allowed: {', '.join(algorithms)}")
         if self.seed is not None and self.seeds is not None:
             raise ValueError("fields 'seed' and 'seeds': give one or the other, not both")
-        if self.task == "qubit_meta" and self.model.observables != "auto":
-            raise ValueError("field 'model.observables': qubit_meta reads out <Z_i> and <Z_i Z_i+1>; leave it 'auto'")
-        if self.task == "cartpole" and self.backend != "classical" and self.model.observables != "auto":
-            if len(self.model.observables) != CARTPOLE_N_ACTIONS:
-                raise ValueError(
-                    f"field 'model.observables': needs one observable per action ({CARTPOLE_N_ACTIONS}), "
-                    f"got {len(self.model.observables)}"
-                )
-            for obs in self.model.observables:
-                if not _OBSERVABLE_RE.fullmatch(obs):
-                    raise ValueError(
-                        f"field 'model.observables': {obs!r} is not a Pauli-Z product; allowed: e.g. 'Z0Z1', '-Z0Z1Z2Z3'"
-                    )
-                qubits = [int(q) for q in re.findall(r"\d+", obs)]
-                if max(qubits) >= self.model.n_qubits or len(set(qubits)) != len(qubits):
-                    raise ValueError(
-                        f"field 'model.observables': {obs!r} needs distinct qubits in 0..{self.model.n_qubits - 1}"
-                    )
-        if self.algorithm == "dqn" and self.backend != "classical" and self.model.observables == "auto":
-            if self.model.n_qubits < CARTPOLE_N_ACTIONS:
-                raise ValueError("field 'model.n_qubits': DQN with observables 'auto' needs at least 2 qubits")
         return self
 
     @property
@@ -468,17 +427,35 @@ class ExperimentConfig(_Strict):
 
     @property
     def total_steps(self) -> int:
-        """Length of the progress bar: episodes (cartpole) or meta-iterations (qubit_meta)."""
-        return self.meta.iterations if self.task == "qubit_meta" else self.training.episodes
+        """Length of the progress bar, in the task's step unit."""
+        raise NotImplementedError(f"task {self.task!r} does not say how long it runs")
+
+    # What the model builder (models.build_model) asks the task; a task overrides what differs.
+    @property
+    def policy_head(self) -> str:
+        """``policy``: softmax over the outputs; ``q``: the outputs are action values."""
+        return "policy"
+
+    def observation_scale(self, n_inputs: int) -> tuple[float, ...] | None:
+        """Inputs are divided by this (None: used as they are)."""
+        return None
+
+    def default_observables(self, n_qubits: int) -> list[str]:
+        """Readouts for ``model.observables: auto``: +/- the Z product of all qubits."""
+        all_z = "".join(f"Z{q}" for q in range(n_qubits))
+        return [all_z, "-" + all_z]
+
+    def drop_unused(self, data: dict) -> None:
+        """Remove from ``data`` (this experiment as plain data) what its algorithm does not read."""
+
+    def description_extra(self) -> str:
+        """What the run's one-line description adds about the task (``", 500 episodes"``)."""
+        return ""
 
     @property
     def second_order_capable(self) -> bool:
         """Whether autograd can differentiate the model's gradient again (needed by MAML)."""
-        if self.gradient != "backprop":
-            return False
-        if self.backend == "pennylane":
-            return self.pennylane.interface != "jax"
-        return self.backend != "tensorcircuit" or self.tensorcircuit.math_backend == "pytorch"
+        return BACKENDS.get(self.backend).second_order(self)
 
     @property
     def pennylane_interface(self) -> str:
@@ -492,36 +469,58 @@ class ExperimentConfig(_Strict):
     @property
     def gradient_is_estimated(self) -> bool:
         """True when the gradient comes from the black-box estimators (SPSA, finite differences)."""
-        return self.gradient in ("spsa", "finite-diff")
+        return GRADIENT_METHODS.get(self.gradient).estimated
+
+
+def parse_experiment(data: Any) -> ExperimentConfig:
+    """Validate one experiment with its task's config class (``task`` missing: ``cartpole``)."""
+    from tasks import TASKS
+
+    if not isinstance(data, dict):
+        raise ValueError("an experiment must be a mapping")
+    task = data.get("task", DEFAULT_TASK)
+    if not isinstance(task, str) or task not in TASKS:
+        raise ConfigError([f"field 'task': {task!r} is not a registered task; allowed: {', '.join(TASKS.names())}"])
+    return TASKS.get(task).config.model_validate({**data, "task": task})
+
+
+DEFAULT_TASK = "cartpole"
 
 
 def applicable_fields(exp: ExperimentConfig) -> dict:
     """The resolved experiment as plain data without the sections it does not use (what
-    ``run.py --dry-run`` prints): ``meta`` only for qubit tasks, ``training`` only for CartPole
-    (``training.dqn`` only for DQN), the backend's own section, the estimator's own settings, the
-    circuit's or the MLP's model fields."""
+    ``run.py --dry-run`` prints): the backend's own section, the estimator's own settings, the
+    circuit's or the MLP's model fields; the task's class has only its own sections already and
+    may drop more (:meth:`ExperimentConfig.drop_unused`)."""
     data = exp.model_dump(mode="json")
-    unused = {"meta": exp.task != "qubit_meta", "training": exp.task == "qubit_meta",
-              "pennylane": exp.backend != "pennylane", "tensorcircuit": exp.backend != "tensorcircuit",
+    unused = {"pennylane": exp.backend != "pennylane", "tensorcircuit": exp.backend != "tensorcircuit",
               "spsa": exp.gradient != "spsa", "finite_diff": exp.gradient != "finite-diff"}
     for key, drop in unused.items():
         if drop:
             data.pop(key)
-    if "training" in data and exp.algorithm != "dqn":
-        data["training"].pop("dqn")
-    model_only = ("hidden_sizes",) if exp.backend != "classical" else ("n_qubits", "n_layers", "observables", "init")
+    model_only = ("hidden_sizes",) if BACKENDS.get(exp.backend).is_circuit else ("n_qubits", "n_layers", "observables", "init")
     for key in model_only:
         data["model"].pop(key)
+    exp.drop_unused(data)
     return data
 
 
-#: The config sections that only some tasks read (``--set`` on a sweep with none of them is refused).
-TASK_SECTIONS = {"meta": ("qubit_meta",), "training": ("cartpole",)}
+def task_sections() -> dict[str, tuple[str, ...]]:
+    """Config section -> the tasks that read it (a ``--set`` into a section no experiment of the
+    sweep reads is refused; one only some read applies to those)."""
+    from tasks import TASKS
+
+    owners: dict[str, tuple[str, ...]] = {}
+    for task in TASKS:
+        for section in task.sections:
+            owners[section] = owners.get(section, ()) + (task.name,)
+    return owners
 
 
 class SweepConfig(_Strict):
     mlflow: MLflowConfig = MLflowConfig()
-    experiments: list[ExperimentConfig]
+    experiments: list[SerializeAsAny[ExperimentConfig]]
+    """Each an instance of its task's config class (see :func:`parse_experiment`)."""
     source: str = "<memory>"
     """Where the config came from (for messages and the parent run)."""
 
@@ -795,6 +794,10 @@ def load_config(
 
     experiments: list[ExperimentConfig] = []
     names: dict[str, int] = {}
+    try:
+        sections = task_sections()  # imports the task plug-ins
+    except ImportError as exc:
+        raise ConfigError([str(exc)]) from None
     for i, item in enumerate(experiments_raw):
         label = f"{source}: experiments[{i}]"
         if not isinstance(item, dict):
@@ -803,11 +806,18 @@ def load_config(
         merged = deep_merge(defaults, item)
         for parts, value in experiment_overrides:
             _set_dotted(merged, parts, value)
+        task = merged.get("task", DEFAULT_TASK)
+        for section, readers in sections.items():  # defaults and --set for other tasks do not apply here
+            if task not in readers and section not in item:
+                merged.pop(section, None)
         name = merged.get("name")
         if isinstance(name, str):
             label += f" ({name})"
         try:
-            exp = ExperimentConfig.model_validate(merged)
+            exp = parse_experiment(merged)
+        except ConfigError as exc:
+            lines.extend(f"{label}: {line}" for line in exc.lines)
+            continue
         except ValidationError as exc:
             for line in _format_validation_error(label, exc):
                 blamed = _blame_override(line, override_text)
@@ -823,7 +833,7 @@ def load_config(
         raise ConfigError(lines)
 
     for key, text in override_text.items():
-        tasks = TASK_SECTIONS.get(key.split(".")[0])
+        tasks = sections.get(key.split(".")[0])
         if tasks and not any(e.task in tasks for e in experiments):
             lines.append(f"--set {text if len(text) <= 80 else text[:77] + '...'!r}: {key.split('.')[0]}.* applies to "
                          f"task {' / '.join(tasks)}, and no experiment of {source} has that task")

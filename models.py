@@ -8,7 +8,7 @@ The circuit (Jerbi et al. 2021; Skolik et al. 2022) on ``n`` qubits with ``L`` l
     final:             Rx Ry Rz with theta[L]
     readout:           <O_a> for one Pauli-Z product O_a per action a
 
-``s`` is the observation divided by :data:`CARTPOLE_INPUT_SCALE`. The head multiplies each
+``s`` is the observation divided by the task's observation scale. The head multiplies each
 readout by a trainable weight ``w_a`` (init 1) and its sign: REINFORCE uses softmax(beta * w_a
 <O_a>), DQN uses Q_a = w_a <O_a>. With 4 qubits and 5 layers this is the reference 94-parameter
 model (72 angles, 20 input scalings, 2 output weights).
@@ -36,8 +36,6 @@ from torch import nn
 from config_schema import ExperimentConfig
 from gradients import parameter_shift_expvals
 
-#: CartPole-v1 observation bounds used to normalise inputs (TFQ tutorial): x, x_dot, theta, theta_dot.
-CARTPOLE_INPUT_SCALE = (2.4, 2.5, 0.21, 2.5)
 DTYPE = torch.float64
 
 
@@ -135,15 +133,6 @@ def parse_observable(text: str) -> tuple[float, tuple[int, ...]]:
     """``"-Z0Z1"`` -> ``(-1.0, (0, 1))``."""
     sign = -1.0 if text.startswith("-") else 1.0
     return sign, tuple(int(q) for q in re.findall(r"\d+", text))
-
-
-def default_observables(algorithm: str, n_qubits: int) -> list[str]:
-    """REINFORCE: +/- Z on all qubits (Jerbi); DQN: Z products of the two halves of the qubits (Skolik)."""
-    if algorithm == "reinforce":
-        all_z = "".join(f"Z{q}" for q in range(n_qubits))
-        return [all_z, "-" + all_z]
-    half = n_qubits // 2
-    return ["".join(f"Z{q}" for q in range(half)), "".join(f"Z{q}" for q in range(half, n_qubits))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -691,7 +680,8 @@ MLP_ROWS_PER_CALL = 1 << 18
 class MLPPolicy(PolicyModel):
     """Classical baseline: tanh MLP with the given hidden widths (float64, same input scaling)."""
 
-    def __init__(self, n_inputs: int, n_actions: int, hidden_sizes: list[int], head: str, beta: float, seed: int):
+    def __init__(self, n_inputs: int, n_actions: int, hidden_sizes: list[int], head: str, beta: float, seed: int,
+                 input_scale: tuple[float, ...] | None = None):
         super().__init__()
         self.head = head
         self.beta = beta if head == "policy" else 1.0
@@ -704,7 +694,7 @@ class MLPPolicy(PolicyModel):
                 width = h
             layers.append(nn.Linear(width, n_actions, dtype=DTYPE))
         self.net = nn.Sequential(*layers)
-        self.register_buffer("input_scale", torch.tensor(CARTPOLE_INPUT_SCALE[:n_inputs], dtype=DTYPE))
+        self.register_buffer("input_scale", _scale_tensor(input_scale, n_inputs))
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.beta * self.net(self.normalise(obs))
@@ -735,7 +725,8 @@ class ReUploadingPQC(PolicyModel):
     ``output_weights`` (A,). Initialised from the seed identically whatever the backend.
     """
 
-    def __init__(self, spec: CircuitSpec, circuit: CircuitBackend, head: str, beta: float, init: str, seed: int):
+    def __init__(self, spec: CircuitSpec, circuit: CircuitBackend, head: str, beta: float, init: str, seed: int,
+                 input_scale: tuple[float, ...] | None = None):
         super().__init__()
         self.spec = spec
         self.circuit = circuit
@@ -747,7 +738,7 @@ class ReUploadingPQC(PolicyModel):
         self.theta = nn.Parameter(theta)
         self.input_scaling = nn.Parameter(torch.ones(spec.n_layers, spec.n_encoding, dtype=DTYPE))
         self.output_weights = nn.Parameter(torch.ones(len(spec.readouts), dtype=DTYPE))
-        self.register_buffer("input_scale", torch.tensor(CARTPOLE_INPUT_SCALE[: spec.n_inputs], dtype=DTYPE))
+        self.register_buffer("input_scale", _scale_tensor(input_scale, spec.n_inputs))
         self.register_buffer("feature_index", torch.tensor([spec.encoding_feature(k) for k in range(spec.n_encoding)]))
         self.register_buffer("readout_index", torch.tensor(spec.readout_index))
         self.register_buffer("readout_sign", torch.tensor(spec.readout_sign, dtype=DTYPE))
@@ -782,7 +773,7 @@ class ReUploadingPQC(PolicyModel):
 
 
 # ---------------------------------------------------------------------------------------------
-# Registry: (backend, gradient) -> ready model
+# Circuit factories (named by the backends' registry entries, backends/) and the model builder
 
 
 def pennylane_device_for(gradient: str, configured: str) -> str:
@@ -815,28 +806,31 @@ def _tensorcircuit_circuit(spec: CircuitSpec, exp: ExperimentConfig) -> CircuitB
     return circuit
 
 
-CIRCUIT_BACKENDS: dict[str, Callable[[CircuitSpec, ExperimentConfig], CircuitBackend]] = {
-    "pennylane": _pennylane_circuit,
-    "tensorcircuit": _tensorcircuit_circuit,
-}
-
-
 def circuit_spec(exp: ExperimentConfig, n_inputs: int, n_actions: int) -> CircuitSpec:
     observables = exp.model.observables
     if observables == "auto":
-        observables = default_observables(exp.algorithm, exp.model.n_qubits)
+        observables = exp.default_observables(exp.model.n_qubits)
     if len(observables) != n_actions:
         raise ValueError(f"model.observables: {len(observables)} observables for {n_actions} actions")
     return CircuitSpec(exp.model.n_qubits, exp.model.n_layers, n_inputs, tuple(parse_observable(o) for o in observables))
 
 
 def build_model(exp: ExperimentConfig, n_inputs: int, n_actions: int, seed: int) -> PolicyModel:
-    """The model for an experiment: backend and gradient method decide the circuit backend."""
-    head = "policy" if exp.algorithm == "reinforce" else "q"
-    if exp.backend == "classical":
-        return MLPPolicy(n_inputs, n_actions, exp.model.hidden_sizes, head, exp.model.beta, seed)
-    if exp.backend not in CIRCUIT_BACKENDS:
-        raise ValueError(f"backend {exp.backend!r}; allowed: classical, {', '.join(CIRCUIT_BACKENDS)}")
+    """The model for an experiment: the backend's registry entry builds the circuit for the
+    gradient method; the task's config says the head, the input scale and the default readouts."""
+    from backends import BACKENDS
+
+    backend = BACKENDS.get(exp.backend)
+    scale = exp.observation_scale(n_inputs)
+    if not backend.is_circuit:
+        return MLPPolicy(n_inputs, n_actions, exp.model.hidden_sizes, exp.policy_head, exp.model.beta, seed, scale)
     spec = circuit_spec(exp, n_inputs, n_actions)
-    circuit = CIRCUIT_BACKENDS[exp.backend](spec, exp)
-    return ReUploadingPQC(spec, circuit, head, exp.model.beta, exp.model.init, seed)
+    return ReUploadingPQC(spec, backend.build_circuit(spec, exp), exp.policy_head, exp.model.beta, exp.model.init, seed, scale)
+
+
+def _scale_tensor(scale: tuple[float, ...] | None, n_inputs: int) -> torch.Tensor:
+    """Inputs are divided by this (ones: the observations are used as they are)."""
+    values = (1.0,) * n_inputs if scale is None else tuple(scale)
+    if len(values) != n_inputs:
+        raise ValueError(f"observation scale has {len(values)} entries for {n_inputs} inputs")
+    return torch.tensor(values, dtype=DTYPE)

@@ -132,7 +132,7 @@ def _main(args: argparse.Namespace) -> int:
         for r in runs:
             e = r.exp
             print(f"  {r.name:40s} {e.algorithm:9s} {e.backend:13s} {e.gradient:15s} "
-                  f"{'iterations' if e.task == 'qubit_meta' else 'episodes'}={e.total_steps} timeout_s={e.timeout_s:g}")
+                  f"{r.task.step_unit}s={e.total_steps} timeout_s={e.timeout_s:g}")
         if args.dry_run:
             import yaml
 

@@ -27,9 +27,9 @@ import torch
 import gradients
 from config_schema import ExperimentConfig
 from models import PolicyModel, build_model, compile_metrics
+from tasks.cartpole import ENV_ID
 from utils import NonFiniteError, seed_everything, select_device, simulation_device
 
-ENV_ID = "CartPole-v1"
 AVG_WINDOW = 10
 
 #: f(outputs (..., N, A)) -> loss (...)
@@ -98,16 +98,6 @@ class TrainResult:
         if self.compiles_after_warmup is not None:
             metrics["time/compiles_after_warmup"] = self.compiles_after_warmup
         return metrics
-
-    def summary(self) -> dict:
-        """What the sweep's summary table shows for this run."""
-        return {
-            "final_avg_return": self.final_avg_return,
-            "final_fidelity": float("nan"),
-            "episodes_done": len(self.episode_returns),
-            "grad_circuit_evals": self.grad_circuit_evals,
-            "total_circuit_evals": self.total_circuit_evals,
-        }
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return cpu_state_dict(self.model)
@@ -543,19 +533,10 @@ def train_dqn(exp: ExperimentConfig, seed: int, reporter: Reporter, resume: dict
     return _result(model, step, returns_all, env_steps, grad_evals, elapsed_before + time.perf_counter() - t_start)
 
 
-ALGORITHMS: dict[str, Callable[..., TrainResult]] = {
-    "reinforce": train_reinforce,
-    "dqn": train_dqn,
-}
+def train(exp: ExperimentConfig, seed: int, reporter: Reporter | None = None, resume: dict | None = None):
+    """Train one experiment with one seed with its task's trainer for its algorithm (see
+    ``tasks/``); ``reporter`` receives metrics, progress and checkpoints; ``resume``: a
+    checkpoint of this experiment and seed to continue from."""
+    from tasks import task_of
 
-
-def train(exp: ExperimentConfig, seed: int, reporter: Reporter | None = None, resume: dict | None = None) -> TrainResult:
-    """Train one experiment with one seed; ``reporter`` receives metrics, progress and checkpoints.
-    ``resume``: a checkpoint of this experiment and seed to continue from (CartPole)."""
-    if exp.task == "qubit_meta":
-        from meta.train import train_meta
-
-        if resume is not None:
-            raise ValueError("qubit_meta runs have no checkpoints to resume from")
-        return train_meta(exp, seed, reporter or NullReporter())
-    return ALGORITHMS[exp.algorithm](exp, seed, reporter or NullReporter(), resume)
+    return task_of(exp).trainer(exp.algorithm)(exp, seed, reporter or NullReporter(), resume)

@@ -24,7 +24,8 @@ import math
 import torch
 
 from config_schema import ExperimentConfig
-from models import CIRCUIT_BACKENDS, DTYPE, CircuitCounters, CircuitSpec, initial_angles
+from backends import BACKENDS
+from models import DTYPE, CircuitCounters, CircuitSpec, initial_angles
 
 
 class PulsePolicy(CircuitCounters):
@@ -85,7 +86,7 @@ class CircuitPulsePolicy(PulsePolicy):
     def __init__(self, exp: ExperimentConfig, n_inputs: int, n_segments: int, max_amplitude: float):
         super().__init__(n_inputs, n_segments, max_amplitude)
         self.spec = CircuitSpec(exp.model.n_qubits, exp.model.n_layers, n_inputs, pulse_readouts(exp.model.n_qubits))
-        self.circuit = CIRCUIT_BACKENDS[exp.backend](self.spec, exp)
+        self.circuit = BACKENDS.get(exp.backend).build_circuit(self.spec, exp)
         self.init = exp.model.init
         spec = self.spec
         self.n_obs = len(spec.observables)

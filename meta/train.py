@@ -159,12 +159,6 @@ class MetaResult:
     def final_step(self) -> int:
         return self.iterations
 
-    def summary(self) -> dict:
-        quantum = self.exp.backend != "classical"
-        return {"final_fidelity": self.final_fidelity, "episodes_done": self.iterations,
-                "grad_circuit_evals": self.grad_circuit_evals if quantum else None,
-                "total_circuit_evals": self.policy.circuit_evals if quantum else None, "final_avg_return": float("nan")}
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {"theta": self.theta.detach().cpu()}
         if self.robust_pulse is not None:
@@ -244,7 +238,9 @@ def crosscheck(exp: ExperimentConfig, factory: TaskFactory, tasks: QubitTasks, p
     return out
 
 
-def train_meta(exp: ExperimentConfig, seed: int, reporter) -> MetaResult:
+def train_meta(exp: ExperimentConfig, seed: int, reporter, resume: dict | None = None) -> MetaResult:
+    if resume is not None:
+        raise ValueError("qubit_meta runs have no checkpoints to resume from")
     meta = exp.meta
     seed_everything(seed)
     device = simulation_device(exp)

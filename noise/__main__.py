@@ -26,7 +26,7 @@ import sys
 import numpy as np
 import torch
 
-from config_schema import ConfigError, ExperimentConfig, load_config
+from config_schema import ConfigError, ExperimentConfig, load_config, parse_experiment
 from noise.models import SIMULATIONS, check_drive, min_time_steps
 
 QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
@@ -68,7 +68,7 @@ def cmd_quantiles(args) -> None:
     if args.config:
         experiments = qubit_experiments(args.config)
     else:
-        experiments = [ExperimentConfig.model_validate({"name": "defaults", "task": "qubit_meta", "backend": "classical", "gradient": "backprop"})]
+        experiments = [parse_experiment({"name": "defaults", "task": "qubit_meta", "backend": "classical", "gradient": "backprop"})]
     groups: dict[str, list[ExperimentConfig]] = {}
     for exp in experiments:  # experiments that share a task distribution share one table
         key = json.dumps([exp.meta.noise.model_dump(), exp.meta.n_segments], sort_keys=True)

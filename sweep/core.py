@@ -33,16 +33,13 @@ from typing import Any
 
 import yaml
 
+from backends import BACKENDS
 from config_schema import SweepConfig
 from sweep.display import Display
 from sweep.executors import Job, LocalExecutor, RayExecutor
 from sweep.plan import (
-    BASELINE_METRICS,
     MLFLOW_STATUS,
-    PROGRESS_LABEL,
-    PROGRESS_METRIC,
     STATUSES,
-    TASK_TITLES,
     RunOutcome,
     RunSpec,
     config_hash,
@@ -52,7 +49,6 @@ from sweep.plan import (
 from sweep.report import (
     comparison_figure,
     failure_lines,
-    gap_vs_variance_figure,
     headline,
     log_figure,
     print_summary,
@@ -61,6 +57,7 @@ from sweep.report import (
     summary_markdown,
     summary_rows,
 )
+from tasks import task_of
 from utils import (
     flatten_dict,
     get_or_create_experiment,
@@ -199,17 +196,9 @@ class Sweep:
 
     @staticmethod
     def _reused(spec: RunSpec, run) -> RunOutcome:
-        summary = {k: v for k, v in json.loads(run.data.tags.get("summary", "{}")).items() if v is not None}
-        return RunOutcome(
-            spec, "PASSED", run.data.metrics.get("time/wall_s", 0.0),
-            final_avg_return=summary.get("final_avg_return", float("nan")),
-            final_fidelity=summary.get("final_fidelity", float("nan")),
-            baselines={k: summary[k] for k in BASELINE_METRICS if k in summary},
-            episodes_done=summary.get("episodes_done", 0),
-            grad_circuit_evals=summary.get("grad_circuit_evals"),
-            total_circuit_evals=summary.get("total_circuit_evals"),
-            run_id=run.info.run_id, reused=True,
-        )
+        outcome = RunOutcome(spec, "PASSED", run.data.metrics.get("time/wall_s", 0.0), run_id=run.info.run_id, reused=True)
+        _apply_summary(outcome, json.loads(run.data.tags.get("summary", "{}")))
+        return outcome
 
     # -- executing ------------------------------------------------------------------------------
 
@@ -220,8 +209,8 @@ class Sweep:
         FAILED with the reason, and the sweep goes on."""
         job = Job(spec, index, RunOutcome(spec, "FAILED", 0.0))
         active.append(job)  # before anything is created: an interrupt from here on finds it
-        note = f" (resuming from episode {prior.data.tags['checkpoint_episode']})" if action == "resume" else ""
-        display.start_run(spec.name, spec.exp.total_steps, PROGRESS_LABEL[spec.exp.task], note)
+        note = f" (resuming from {spec.task.step_unit} {prior.data.tags['checkpoint_episode']})" if action == "resume" else ""
+        display.start_run(spec.name, spec.exp.total_steps, spec.task.progress_label, note)
         stage = "set up the run in the tracking store"
         try:
             if action == "resume":
@@ -241,7 +230,7 @@ class Sweep:
     def _handle(self, job: Job, event, display: Display) -> None:
         kind = event[0]
         if kind == "progress":
-            job.outcome.episodes_done = event[1]
+            job.outcome.steps_done = event[1]
             display.update(job.spec.name, event[1], event[2], event[3])
         else:  # "done" with the result, or "error" with the message
             job.received[kind] = event[1]
@@ -255,7 +244,7 @@ class Sweep:
             if time.monotonic() < job.deadline:
                 return False
             job.outcome.status = "TIMED_OUT"
-            job.outcome.error = f"exceeded timeout_s={job.spec.exp.timeout_s:g} at episode {job.outcome.episodes_done}"
+            job.outcome.error = f"exceeded timeout_s={job.spec.exp.timeout_s:g} at {job.spec.task.step_unit} {job.outcome.steps_done}"
             self.executor.kill(job)
         self._complete(client, job)
         return True
@@ -268,16 +257,11 @@ class Sweep:
             result, error = job.received.get("done"), job.received.get("error")
             if result is not None and clean_exit:
                 outcome.status = "PASSED"
-                outcome.final_avg_return = result["final_avg_return"]
-                outcome.final_fidelity = result["final_fidelity"]
-                outcome.episodes_done = result["episodes_done"]
-                outcome.grad_circuit_evals = result["grad_circuit_evals"]
-                outcome.total_circuit_evals = result["total_circuit_evals"]
-                outcome.baselines = {k: result[k] for k in BASELINE_METRICS if result.get(k) is not None}
+                _apply_summary(outcome, result)
             else:
                 outcome.status = "FAILED"
                 outcome.error = outcome.error or error or "the worker ended without a result (crashed or killed)"
-        if spec.exp.backend == "classical":
+        if not BACKENDS.get(spec.exp.backend).is_circuit:
             outcome.grad_circuit_evals = outcome.total_circuit_evals = None
         run_id = outcome.run_id
         if run_id is None:  # never created in the store
@@ -290,16 +274,12 @@ class Sweep:
         if outcome.status == "PASSED":
             self._store(spec.name, client.set_tag, run_id, "summary", json.dumps(job.received["done"]))
         else:
-            history = self._store(spec.name, client.get_metric_history, run_id, PROGRESS_METRIC[spec.exp.task]) or []
+            history = self._store(spec.name, client.get_metric_history, run_id, spec.task.progress_metric) or []
             if history:
-                last = max(history, key=lambda m: m.step).value
-                if spec.exp.task == "cartpole":
-                    outcome.final_avg_return = last
-                else:
-                    outcome.final_fidelity = last
+                outcome.score = max(history, key=lambda m: m.step).value
         if outcome.error:
             self._store(spec.name, client.set_tag, run_id, "error", outcome.error[:5000])
-        self._store(spec.name, log_metrics, client, run_id, {"time/wall_s": outcome.wall_s}, outcome.episodes_done)
+        self._store(spec.name, log_metrics, client, run_id, {"time/wall_s": outcome.wall_s}, outcome.steps_done)
         self._store(spec.name, log_metrics, client, run_id, {"final/wall_s": outcome.wall_s}, 0)
         self._store(spec.name, client.set_tag, run_id, "status", outcome.status)
         self._store(spec.name, client.set_terminated, run_id, MLFLOW_STATUS[outcome.status])
@@ -390,7 +370,7 @@ class Sweep:
                 for job in active:
                     self.executor.kill(job)
                     job.outcome.status = "KILLED"
-                    job.outcome.error = f"sweep interrupted ({signal.Signals(self.interrupted).name}) at episode {job.outcome.episodes_done}"
+                    job.outcome.error = f"sweep interrupted ({signal.Signals(self.interrupted).name}) at {job.spec.task.step_unit} {job.outcome.steps_done}"
                     self._complete(client, job)
                     outcomes[job.index] = job.outcome
                     display.end_run(job.outcome)
@@ -438,10 +418,11 @@ class Sweep:
         self._store("summary.md", client.log_text, parent, summary_markdown(rows, columns), "summary.md")
         self._store("summary.csv", client.log_text, parent, summary_csv(rows, columns), "summary.csv")
         self._store("comparison.png", lambda: log_figure(client, parent, comparison_figure(client, outcomes), "comparison.png"))
-        meta_runs = [o for o in outcomes if o.spec.exp.task == "qubit_meta" and o.status == "PASSED"]
-        if meta_runs:
-            self._store("gap_vs_variance.png",
-                        lambda: log_figure(client, parent, gap_vs_variance_figure(client, meta_runs), "gap_vs_variance.png"))
+        for task in {o.spec.task.name: o.spec.task for o in outcomes}.values():
+            passed = [o for o in outcomes if o.spec.task is task and o.status == "PASSED"]
+            for name, figure in task.sweep_figures.items():
+                if passed:
+                    self._store(name, lambda: log_figure(client, parent, figure(client, passed), name))
         all_passed = not self.interrupted and all(o.status == "PASSED" for o in outcomes)
         sweep_status = "KILLED" if self.interrupted else ("PASSED" if all_passed and not self.store_errors else "FAILED")
         if self.store_errors:
@@ -466,6 +447,16 @@ class Sweep:
                 print(f"  {o.spec.name} {o.status}: {o.error} ({where})")
 
 
+def _apply_summary(outcome: RunOutcome, summary: dict) -> None:
+    """Fill a passed run's outcome from the summary its worker sent (tag ``summary``)."""
+    score = summary.get("score")
+    outcome.score = float("nan") if score is None else score
+    outcome.steps_done = summary.get("steps_done", 0)
+    outcome.grad_circuit_evals = summary.get("grad_circuit_evals")
+    outcome.total_circuit_evals = summary.get("total_circuit_evals")
+    outcome.columns = {k: v for k, v in summary.get("columns", {}).items() if v is not None}
+
+
 def describe_experiment(client, experiment_id: str, cfg: SweepConfig) -> None:
     """Make the MLflow UI open the experiment on its runs (MLflow 3 shows "GenAI" pages unless the
     experiment says it is model training) and give it a description, unless it has one."""
@@ -473,7 +464,7 @@ def describe_experiment(client, experiment_id: str, cfg: SweepConfig) -> None:
     if "mlflow.experimentKind" not in tags:
         client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
     if "mlflow.note.content" not in tags:
-        tasks = sorted({TASK_TITLES[e.task] for e in cfg.experiments})
+        tasks = sorted({task_of(e).title for e in cfg.experiments})
         client.set_experiment_tag(experiment_id, "mlflow.note.content", (
             f"Quantum-circuit simulator stacks compared on {', '.join(tasks)}: one parent run per sweep (its "
             "description holds the summary table), one child run per experiment x seed. Useful columns: tags "

@@ -6,17 +6,12 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from backends import BACKENDS
 from config_schema import ExperimentConfig, SweepConfig
+from tasks import Task, task_of
 
 STATUSES = ("PASSED", "FAILED", "TIMED_OUT", "KILLED")
 MLFLOW_STATUS = {"PASSED": "FINISHED", "FAILED": "FAILED", "TIMED_OUT": "KILLED", "KILLED": "KILLED"}
-#: The metric that shows a run's progress (comparison plot; last value of a run that did not pass).
-PROGRESS_METRIC = {"cartpole": "rollout/avg_return_10", "qubit_meta": "meta/val_fidelity_post"}
-PROGRESS_LABEL = {"cartpole": "avg return", "qubit_meta": "validation fidelity"}
-
-#: What the summary table and the parent's note show of a qubit run besides its fidelity.
-BASELINE_METRICS = {"fidelity_robust": "final/fidelity_robust", "fidelity_optimum": "final/fidelity_optimum",
-                    "gap_to_robust": "final/gap_to_robust"}
 
 
 @dataclass
@@ -28,28 +23,33 @@ class RunSpec:
     def name(self) -> str:
         return f"{self.exp.name}-seed{self.seed}"
 
+    @property
+    def task(self) -> Task:
+        return task_of(self.exp)
+
 
 @dataclass
 class RunOutcome:
     spec: RunSpec
     status: str
     wall_s: float
-    final_avg_return: float = float("nan")
-    final_fidelity: float = float("nan")
-    episodes_done: int = 0
+    score: float = float("nan")
+    """The task's score (its ``score_metric``; for a run that did not pass, the last progress value)."""
+    steps_done: int = 0
+    """Progress steps done, in the task's unit (episodes, meta-iterations)."""
     grad_circuit_evals: int | None = None
     total_circuit_evals: int | None = None
     run_id: str | None = None
     error: str | None = None
     reused: bool = False
     """PASSED in an earlier sweep with the same resolved config (``--resume``): not run again."""
-    baselines: dict[str, float] = field(default_factory=dict)
-    """qubit_meta: fidelity of the robust pulse and of the per-task optimum, gap to the robust pulse."""
+    columns: dict[str, float] = field(default_factory=dict)
+    """The task's other summary columns (qubit_meta: the robust pulse, the per-task optimum)."""
 
     @property
     def cost_per_step(self) -> tuple[float | None, float | None]:
-        """Wall seconds and circuit evaluations per episode (CartPole) or meta-iteration."""
-        steps = self.episodes_done
+        """Wall seconds and circuit evaluations per progress step (episode, meta-iteration)."""
+        steps = self.steps_done
         if not steps:
             return None, None
         evals = None if self.total_circuit_evals is None else self.total_circuit_evals / steps
@@ -60,16 +60,13 @@ def expand(cfg: SweepConfig) -> list[RunSpec]:
     return [RunSpec(exp, seed) for exp in cfg.experiments for seed in exp.seed_list]
 
 
-TASK_TITLES = {"cartpole": "CartPole-v1", "qubit_meta": "noisy-qubit pulses"}
-
-
 def run_description(spec: RunSpec) -> str:
     """One line for the run's description in the MLflow UI (tag ``mlflow.note.content``)."""
     exp = spec.exp
-    what = "MLP" if exp.backend == "classical" else f"{exp.model.n_qubits}-qubit, {exp.model.n_layers}-layer circuit"
-    extra = f", {exp.meta.noise.model_types} noise" if exp.task == "qubit_meta" else f", {exp.total_steps} episodes"
-    return (f"{exp.algorithm.upper()} on {TASK_TITLES[exp.task]}: {what} on {exp.backend}, gradient {exp.gradient}, "
-            f"seed {spec.seed}{extra}. Config: artifact config.yaml.")
+    what = (f"{exp.model.n_qubits}-qubit, {exp.model.n_layers}-layer circuit" if BACKENDS.get(exp.backend).is_circuit
+            else "MLP")
+    return (f"{exp.algorithm.upper()} on {spec.task.title}: {what} on {exp.backend}, gradient {exp.gradient}, "
+            f"seed {spec.seed}{exp.description_extra()}. Config: artifact config.yaml.")
 
 
 def config_hash(spec: RunSpec) -> str:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import csv
 import io
 
-from sweep.plan import BASELINE_METRICS, PROGRESS_METRIC, RunOutcome
+from sweep.plan import RunOutcome
+from tasks import TASKS
 
 
 def log_figure(client, run_id: str, fig, artifact_file: str) -> None:
@@ -18,8 +19,6 @@ def log_figure(client, run_id: str, fig, artifact_file: str) -> None:
 
 BASE_COLUMNS = ("run", "backend", "gradient", "status", "wall_s")
 COST_COLUMNS = ("s_per_step", "evals_per_step", "grad_circuit_evals", "total_circuit_evals")
-SCORE_COLUMNS = {"cartpole": ("final_avg_return",),
-                 "qubit_meta": ("heldout_fidelity", "fidelity_robust", "fidelity_optimum", "gap_to_robust")}
 
 
 def _rounded(value: float | None, digits: int) -> float | None:
@@ -27,10 +26,9 @@ def _rounded(value: float | None, digits: int) -> float | None:
 
 
 def summary_rows(outcomes: list[RunOutcome]) -> list[dict]:
-    """One row per run. ``s_per_step`` and ``evals_per_step``: wall seconds and circuit
-    evaluations per episode (CartPole) or meta-iteration (qubit tasks), the cost a reader compares
-    when scores are equal by design; ``heldout_fidelity``: after adaptation, on the held-out
-    validation tasks (the progress display shows the periodic validation passes)."""
+    """One row per run: its task's score and summary columns (``tasks/``), then the cost.
+    ``s_per_step`` and ``evals_per_step``: wall seconds and circuit evaluations per progress step
+    (episode, meta-iteration), the cost a reader compares when scores are equal by design."""
     rows = []
     for o in outcomes:
         seconds, evals = o.cost_per_step
@@ -42,9 +40,8 @@ def summary_rows(outcomes: list[RunOutcome]) -> list[dict]:
             "wall_s": round(o.wall_s, 2),
             "s_per_step": _rounded(seconds, 3),
             "evals_per_step": _rounded(evals, 1),
-            "final_avg_return": _rounded(o.final_avg_return, 1),
-            "heldout_fidelity": _rounded(o.final_fidelity, 5),
-            **{k: _rounded(o.baselines.get(k), 5) for k in BASELINE_METRICS},
+            o.spec.task.score_column: _rounded(o.score, 5),
+            **{k: _rounded(o.columns.get(k), 5) for k in o.spec.task.extra_columns},
             "grad_circuit_evals": o.grad_circuit_evals,
             "total_circuit_evals": o.total_circuit_evals,
         })
@@ -52,8 +49,8 @@ def summary_rows(outcomes: list[RunOutcome]) -> list[dict]:
 
 
 def summary_columns(tasks: set[str]) -> tuple[str, ...]:
-    """The score columns of the tasks present, then the cost columns."""
-    scores = tuple(c for task in SCORE_COLUMNS if task in tasks for c in SCORE_COLUMNS[task])
+    """The summary columns of the tasks present (in registry order), then the cost columns."""
+    scores = tuple(dict.fromkeys(c for task in TASKS if task.name in tasks for c in task.summary_columns))
     return BASE_COLUMNS + scores + COST_COLUMNS
 
 
@@ -86,19 +83,18 @@ def failure_lines(outcomes: list[RunOutcome]) -> list[str]:
 
 
 def _score(o: RunOutcome) -> float | None:
-    value = o.final_fidelity if o.spec.exp.task == "qubit_meta" else o.final_avg_return
-    return None if value != value else value
+    return None if o.score != o.score else o.score
 
 
 def _score_label(o: RunOutcome) -> str:
-    return "held-out fidelity" if o.spec.exp.task == "qubit_meta" else "mean return"
+    return o.spec.task.score_label
 
 
 def summary_markdown(rows: list[dict], columns: tuple[str, ...]) -> str:
     header = "| " + " | ".join(columns) + " |"
     lines = [header, "|" + "---|" * len(columns)]
     for r in rows:
-        lines.append("| " + " | ".join("-" if r[c] is None else str(r[c]) for c in columns) + " |")
+        lines.append("| " + " | ".join("-" if r.get(c) is None else str(r[c]) for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -118,7 +114,7 @@ def print_summary(rows: list[dict], columns: tuple[str, ...], total_s: float) ->
     for col in columns:
         table.add_column(col, justify="right" if col not in ("run", "backend", "gradient", "status") else "left")
     for r in rows:
-        table.add_row(*("-" if r[c] is None else str(r[c]) for c in columns))
+        table.add_row(*("-" if r.get(c) is None else str(r[c]) for c in columns))
     console = Console()
     if not console.is_terminal:  # a log file: whole lines, never wrapped cells
         console = Console(width=100_000)
@@ -141,16 +137,14 @@ def comparison_figure(client, outcomes: list[RunOutcome]):
     for o in outcomes:
         if o.run_id is None:
             continue
-        history = sorted(client.get_metric_history(o.run_id, PROGRESS_METRIC[o.spec.exp.task]), key=lambda m: m.step)
+        history = sorted(client.get_metric_history(o.run_id, o.spec.task.progress_metric), key=lambda m: m.step)
         if history:
             steps, values = [m.step for m in history], [m.value for m in history]
             curves.append(values)
             ax1.plot(steps, values, label=o.spec.name, lw=1.3, marker="o" if len(steps) <= 20 else None, ms=4)
-    tasks = {o.spec.exp.task for o in outcomes}
-    if tasks == {"qubit_meta"}:
-        ax1.set(xlabel="meta-iteration", ylabel="validation fidelity after adaptation", title="Fidelity against meta-iteration")
-    else:
-        ax1.set(xlabel="episode (CartPole) / meta-iteration", ylabel="mean return (last 10) / fidelity", title="Progress")
+    tasks = list({o.spec.task.name: o.spec.task for o in outcomes}.values())
+    ax1.set(xlabel=" / ".join(t.step_unit for t in tasks), ylabel=" / ".join(t.progress_label for t in tasks),
+            title="Progress" if len(tasks) != 1 else f"{tasks[0].progress_label} against {tasks[0].step_unit}")
     if len(curves) > 1 and all(c == curves[0] for c in curves):
         ax1.set_title("Progress: identical in every run (equal by design); compare the cost")
     if ax1.lines:
@@ -163,35 +157,14 @@ def comparison_figure(client, outcomes: list[RunOutcome]):
     seconds = [o.cost_per_step[0] or 0.0 for o in outcomes]
     evals = [o.cost_per_step[1] or 0.0 for o in outcomes]
     ax2.barh(names, seconds, color=bar_colors)
-    ax2.set(xlabel="wall seconds per step", title="Time per episode / iteration (colour = status)")
+    ax2.set(xlabel="wall seconds per step", title="Time per step (colour = status)")
     ax3.barh(names, evals, color=bar_colors)
-    ax3.set(xlabel="circuit evaluations per step", title="Circuits per episode / iteration")
+    ax3.set(xlabel="circuit evaluations per step", title="Circuits per step")
     if any(evals):
         ax3.set_xscale("log")
     for ax in (ax2, ax3):
         ax.invert_yaxis()
         ax.tick_params(axis="y", labelsize=7)
     ax3.tick_params(axis="y", labelleft=False)
-    fig.tight_layout()
-    return fig
-
-
-def gap_vs_variance_figure(client, outcomes: list[RunOutcome]):
-    """Gap (after adaptation minus robust pulse) against task variance in rates, one point per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for o in outcomes:
-        metrics = client.get_run(o.run_id).data.metrics
-        if "final/gap_to_robust" in metrics and "final/task_variance_rates" in metrics:
-            ax.scatter(metrics["final/task_variance_rates"], metrics["final/gap_to_robust"], label=o.spec.name)
-    ax.axhline(0.0, color="gray", lw=0.8)
-    ax.set(xlabel="task variance in rates ((1/T)^2)", ylabel="fidelity gain over robust pulse",
-           title="Gap vs task variance", xscale="log")
-    if ax.collections:
-        ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

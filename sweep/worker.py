@@ -13,10 +13,11 @@ import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from config_schema import ExperimentConfig
+from backends import BACKENDS
+from config_schema import parse_experiment
 from sweep.lifeline import die_with_parent
-from sweep.plan import BASELINE_METRICS
 from sweep.report import log_figure
+from tasks import Task, task_of
 from utils import library_versions, log_metrics, mlflow_client
 
 CHECKPOINT_DIR, CHECKPOINT_FILE = "checkpoint", "checkpoint.pt"
@@ -64,22 +65,37 @@ def _load_checkpoint(client, run_id: str) -> tuple[dict, int]:
     return state, max((m.step for m in history), default=-1)
 
 
-#: Headline metrics under short names (the columns a reader adds in the MLflow UI), from the
-#: run's own final metrics; ``final/wall_s`` is added by the sweep when the run ends.
-HEADLINE_METRICS = {"final/return": "final/avg_return_10", "final/fidelity": "final/fidelity_post",
-                    "final/circuit_evals": "final/total_circuit_evals"}
+#: Headline metric under a short name (a column a reader adds in the MLflow UI) for circuit runs;
+#: the task adds its own (``final/return``, ``final/fidelity``); ``final/wall_s`` is added by the
+#: sweep when the run ends.
+CIRCUIT_HEADLINE = {"final/circuit_evals": "final/total_circuit_evals"}
 #: Seconds between samples of ``--system-metrics``.
 SYSTEM_METRICS_S = 2.0
 
 
-def final_metrics_to_log(final: dict[str, float], quantum: bool) -> tuple[dict[str, float], dict[str, float]]:
+def final_metrics_to_log(final: dict[str, float], task: Task, quantum: bool) -> tuple[dict[str, float], dict[str, float]]:
     """Split a run's final metrics into (``final/*`` at step 0, so they read as one value per
     run, with the short headline names added; the rest, at the last step)."""
     headline = {k: v for k, v in final.items() if k.startswith("final/")}
-    for short, source in HEADLINE_METRICS.items():
-        if source in final and (quantum or short != "final/circuit_evals"):
+    short_names = {**task.short_metrics, **(CIRCUIT_HEADLINE if quantum else {})}
+    for short, source in short_names.items():
+        if source in final:
             headline[short] = final[source]
     return headline, {k: v for k, v in final.items() if not k.startswith("final/")}
+
+
+def run_summary(final: dict[str, float], steps_done: int, task: Task, quantum: bool) -> dict:
+    """What the sweep's summary shows of a passed run (tag ``summary``), from its final metrics."""
+    def value(metric: str):
+        return final.get(metric)
+
+    return json_safe({
+        "score": value(task.score_metric),
+        "steps_done": steps_done,
+        "grad_circuit_evals": value("final/grad_circuit_evals") if quantum else None,
+        "total_circuit_evals": value("final/total_circuit_evals") if quantum else None,
+        "columns": {column: value(metric) for column, metric in task.extra_columns.items()},
+    })
 
 
 def json_safe(value):
@@ -105,22 +121,17 @@ def _capture_output(path: str | None) -> None:
     os.close(fd)
 
 
-def _log_policy_model(tracking_uri: str, run_id: str, model) -> None:
+def _log_policy_model(tracking_uri: str, run_id: str, model, observation_shape: tuple[int, ...]) -> None:
     """The trained policy as an MLflow model named ``policy`` (the run's Models column), with a
     signature and an input example: ``mlflow.pytorch.load_model(f"runs:/{run_id}/policy")`` gives
     it back, circuit included, in any process that can import this project. Pickled, not
     ``torch.export``-ed: that fixes the batch size and cannot trace the jitted circuits."""
-    import gymnasium as gym
     import mlflow
     import numpy as np
     import torch
     from mlflow.models import infer_signature
 
-    from train import ENV_ID
-
-    env = gym.make(ENV_ID)
-    example = np.zeros((1, *env.observation_space.shape))
-    env.close()
+    example = np.zeros((1, *observation_shape))
     with torch.no_grad():
         output = model(torch.as_tensor(example)).cpu().numpy()
     requirements = [f"{name}=={version}" for name, version in library_versions().items() if version != "not installed"]
@@ -147,7 +158,8 @@ def run_worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_
     try:
         for key, value in (tags or {}).items():
             client.set_tag(run_id, key, value)
-        exp = ExperimentConfig.model_validate(exp_data)
+        exp = parse_experiment(exp_data)
+        task, quantum = task_of(exp), BACKENDS.get(exp.backend).is_circuit
         if system_metrics:  # CPU, memory, disk, network every SYSTEM_METRICS_S as system/* metrics
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
@@ -159,19 +171,18 @@ def run_worker(exp_data: dict, seed: int, run_name: str, tracking_uri: str, run_
         reporter = WorkerReporter(client, run_id, run_name, events, logged_through)
         result = train(exp, seed, reporter, resume=state)
         final = result.final_metrics()
-        headline, rest = final_metrics_to_log(final, exp.backend != "classical")
+        headline, rest = final_metrics_to_log(final, task, quantum)
         log_metrics(client, run_id, headline, 0)
         log_metrics(client, run_id, {**rest, "time/mlflow_lock_retries": client.retries}, result.final_step)
         with tempfile.TemporaryDirectory() as tmp:
             weights = Path(tmp) / "weights.pt"
             torch.save(result.state_dict(), weights)
             client.log_artifact(run_id, str(weights), "model")
-        if isinstance(getattr(result, "model", None), torch.nn.Module):
-            _log_policy_model(tracking_uri, run_id, result.model)
+        if task.observation_example is not None and isinstance(getattr(result, "model", None), torch.nn.Module):
+            _log_policy_model(tracking_uri, run_id, result.model, task.observation_example)
         for artifact, fig in result.figures(run_name).items():
             log_figure(client, run_id, fig, artifact)
-        summary = {**result.summary(), **{k: final[m] for k, m in BASELINE_METRICS.items() if m in final}}
-        events.send(("done", json_safe(summary)))
+        events.send(("done", run_summary(final, result.final_step, task, quantum)))
         return True
     except BaseException as exc:  # noqa: BLE001 - recorded as FAILED by the parent, never swallowed
         message = f"{type(exc).__name__}: {exc}"

@@ -54,7 +54,7 @@ def errors(tmp_path, text, **kw):
 
 
 @pytest.mark.parametrize("experiment,expected", [
-    ("{name: e, backend: torch, gradient: backprop}", ["experiments[0] (e)", "'backend'", "'classical', 'pennylane' or 'tensorcircuit'"]),
+    ("{name: e, backend: torch, gradient: backprop}", ["experiments[0] (e)", "'backend'", "allowed: classical, pennylane, tensorcircuit"]),
     ("{name: e, backend: tensorcircuit, gradient: adjoint}", ["(e)", "'gradient'", "allowed: backprop, parameter-shift, spsa, finite-diff"]),
     ("{name: e, backend: classical, gradient: parameter-shift}", ["'gradient'", "allowed: backprop, spsa, finite-diff"]),
     ("{name: e, backend: classical, gradient: adjoint}", ["'gradient'", "backend 'classical'"]),

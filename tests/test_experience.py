@@ -47,7 +47,8 @@ def test_a_sweep_in_mlflow_reads_as_model_training_with_notes_sources_and_short_
         assert tags["mlflow.source.name"].endswith("run.py") and tags["mlflow.source.type"] == "LOCAL"
         assert "seed 0" in tags["mlflow.note.content"] and tags["backend"] in tags["mlflow.note.content"]
         summary = json.loads(tags["summary"])  # valid JSON: NaN is null
-        assert summary["final_fidelity"] is None
+        assert summary["score"] == metrics["final/avg_return_10"] and summary["steps_done"] == metrics["final/episodes"]
+        assert summary["columns"] == {}  # CartPole has no columns beyond its score
         for key in ("final/return", "final/wall_s", "final/avg_return_10", "final/env_steps"):
             history = client.get_metric_history(run.info.run_id, key)
             assert [m.step for m in history] == [0], key  # one value per run, not a dot at the last episode
@@ -116,7 +117,7 @@ def test_the_comparison_figure_has_cost_panels_and_markers():
         def get_metric_history(self, run_id, key):
             return [SimpleNamespace(step=0, value=20.6)]
 
-    outcomes = [RunOutcome(RunSpec(experiment(name=n, backend=b, gradient="backprop"), 0), "PASSED", w, episodes_done=5,
+    outcomes = [RunOutcome(RunSpec(experiment(name=n, backend=b, gradient="backprop"), 0), "PASSED", w, steps_done=5,
                            total_circuit_evals=e, run_id=n) for n, b, w, e in
                 (("a", "classical", 1.0, None), ("b", "tensorcircuit", 2.0, 500), ("c", "pennylane", 4.0, 500))]
     fig = comparison_figure(Client(), outcomes)
@@ -189,7 +190,7 @@ def test_headline_names_cheapest_and_best_per_backend_and_every_failure():
 
     def outcome(name, backend, status, wall, ret, evals=None, error=None):
         return RunOutcome(RunSpec(experiment(name=name, backend=backend, gradient="backprop" if backend != "tensorcircuit"
-                                             else "spsa"), 0), status, wall, final_avg_return=ret, episodes_done=10,
+                                             else "spsa"), 0), status, wall, score=ret, steps_done=10,
                           total_circuit_evals=evals, error=error)
 
     outcomes = [outcome("a", "tensorcircuit", "PASSED", 10.0, 100.0, 1000), outcome("b", "tensorcircuit", "PASSED", 5.0, 50.0, 2000),

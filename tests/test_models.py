@@ -11,7 +11,6 @@ from models import (
     CircuitSpec,
     build_model,
     circuit_spec,
-    default_observables,
     padded_chunks,
     parse_observable,
     pennylane_device_for,
@@ -44,8 +43,11 @@ def test_circuit_layout():
 
 
 def test_default_observables():
-    assert default_observables("reinforce", 4) == ["Z0Z1Z2Z3", "-Z0Z1Z2Z3"]
-    assert default_observables("dqn", 4) == ["Z0Z1", "Z2Z3"]
+    reinforce = experiment(backend="pennylane", gradient="backprop", algorithm="reinforce")
+    dqn = experiment(backend="pennylane", gradient="backprop", algorithm="dqn")
+    assert reinforce.default_observables(4) == ["Z0Z1Z2Z3", "-Z0Z1Z2Z3"]
+    assert dqn.default_observables(4) == ["Z0Z1", "Z2Z3"]
+    assert (reinforce.policy_head, dqn.policy_head) == ("policy", "q")
     assert parse_observable("-Z2Z10") == (-1.0, (2, 10))
 
 

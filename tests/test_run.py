@@ -13,11 +13,10 @@ import yaml
 from conftest import ROOT
 from mlflow.tracking import MlflowClient
 
-PAIRS = [("classical", "backprop"), ("classical", "spsa"), ("classical", "finite-diff"),
-         ("pennylane", "backprop"), ("pennylane", "adjoint"), ("pennylane", "parameter-shift"),
-         ("pennylane", "spsa"), ("pennylane", "finite-diff"),
-         ("tensorcircuit", "backprop"), ("tensorcircuit", "parameter-shift"), ("tensorcircuit", "spsa"),
-         ("tensorcircuit", "finite-diff")]
+from backends import BACKENDS
+
+#: Every registered backend x every gradient method it declares.
+PAIRS = [(b.name, g) for b in BACKENDS for g in b.gradients]
 TINY_DEFAULTS = {"algorithm": "dqn", "timeout_s": 120,
                  "model": {"n_qubits": 2, "n_layers": 1, "hidden_sizes": [8]},
                  "training": {"episodes": 2, "episodes_per_batch": 2, "dqn": {"batch_size": 8}}}
