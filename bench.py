@@ -672,7 +672,8 @@ def write_outputs(out: Path, results: dict[str, list[dict]], text: str) -> list[
 def log_to_mlflow(tracking_uri: str, results: dict[str, list[dict]], machine: dict[str, str], args, files: list[Path]) -> str:
     from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
-    from utils import get_or_create_experiment, library_versions, log_metrics, log_params, mlflow_client
+    from sweep.tracking import get_or_create_experiment, log_metrics, log_params, mlflow_client
+    from utils import library_versions
 
     client = mlflow_client(tracking_uri)
     experiment_id = get_or_create_experiment(client, EXPERIMENT_NAME)
@@ -756,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
-    from utils import check_tracking_uri, resolve_tracking_uri
+    from sweep.tracking import check_tracking_uri, resolve_tracking_uri
 
     pairs = all_pairs()
     if args.only:

@@ -52,7 +52,7 @@ def connect_ray(address: str | None, tracking_uri: str):
     except ImportError:
         return None, "--executor ray needs the ray package (pip install ray)"
     from sweep.executors import RayExecutor
-    from utils import is_local_node
+    from sweep.tracking import is_local_node
 
     try:
         executor = RayExecutor(address)
@@ -122,7 +122,7 @@ def _main(args: argparse.Namespace) -> int:
         return 2
 
     from sweep.plan import expand
-    from utils import check_tracking_uri, resolve_tracking_uri
+    from sweep.tracking import check_tracking_uri, resolve_tracking_uri
 
     runs = expand(cfg)
     tracking_uri = resolve_tracking_uri(args.tracking_uri, cfg.mlflow.tracking_uri)

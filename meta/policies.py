@@ -23,8 +23,8 @@ import math
 
 import torch
 
-from config_schema import ExperimentConfig
 from backends import BACKENDS
+from config_schema import ExperimentConfig
 from models import DTYPE, CircuitCounters, CircuitSpec, initial_angles
 
 
@@ -119,6 +119,6 @@ class CircuitPulsePolicy(PulsePolicy):
 
 def build_pulse_policy(exp: ExperimentConfig, n_inputs: int) -> PulsePolicy:
     meta = exp.meta
-    if exp.backend == "classical":
+    if not BACKENDS.get(exp.backend).is_circuit:
         return MLPPulsePolicy(n_inputs, meta.n_segments, meta.max_amplitude, exp.model.hidden_sizes)
     return CircuitPulsePolicy(exp, n_inputs, meta.n_segments, meta.max_amplitude)

@@ -57,12 +57,8 @@ from sweep.report import (
     summary_markdown,
     summary_rows,
 )
-from tasks import task_of
-from utils import (
-    flatten_dict,
+from sweep.tracking import (
     get_or_create_experiment,
-    git_commit,
-    library_versions,
     log_metrics,
     log_params,
     mlflow_client,
@@ -70,6 +66,8 @@ from utils import (
     prepare_store,
     process_owner,
 )
+from tasks import task_of
+from utils import flatten_dict, git_commit, library_versions
 
 
 class Sweep:
@@ -422,7 +420,7 @@ class Sweep:
             passed = [o for o in outcomes if o.spec.task is task and o.status == "PASSED"]
             for name, figure in task.sweep_figures.items():
                 if passed:
-                    self._store(name, lambda: log_figure(client, parent, figure(client, passed), name))
+                    self._store(name, lambda f=figure, n=name, runs=passed: log_figure(client, parent, f(client, runs), n))
         all_passed = not self.interrupted and all(o.status == "PASSED" for o in outcomes)
         sweep_status = "KILLED" if self.interrupted else ("PASSED" if all_passed and not self.store_errors else "FAILED")
         if self.store_errors:

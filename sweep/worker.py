@@ -17,8 +17,9 @@ from backends import BACKENDS
 from config_schema import parse_experiment
 from sweep.lifeline import die_with_parent
 from sweep.report import log_figure
+from sweep.tracking import log_metrics, mlflow_client
 from tasks import Task, task_of
-from utils import library_versions, log_metrics, mlflow_client
+from utils import library_versions
 
 CHECKPOINT_DIR, CHECKPOINT_FILE = "checkpoint", "checkpoint.pt"
 

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import model_validator
 
+from backends import BACKENDS
 from config_schema import ExperimentConfig, TrainingConfig
 from tasks import Task, register_task
 
@@ -31,7 +32,8 @@ class CartPoleExperiment(ExperimentConfig):
 
     @model_validator(mode="after")
     def _readouts(self) -> CartPoleExperiment:
-        if self.backend != "classical" and self.model.observables != "auto":
+        circuit = BACKENDS.get(self.backend).is_circuit
+        if circuit and self.model.observables != "auto":
             if len(self.model.observables) != N_ACTIONS:
                 raise ValueError(
                     f"field 'model.observables': needs one observable per action ({N_ACTIONS}), "
@@ -47,7 +49,7 @@ class CartPoleExperiment(ExperimentConfig):
                     raise ValueError(
                         f"field 'model.observables': {obs!r} needs distinct qubits in 0..{self.model.n_qubits - 1}"
                     )
-        if self.algorithm == "dqn" and self.backend != "classical" and self.model.observables == "auto":
+        if self.algorithm == "dqn" and circuit and self.model.observables == "auto":
             if self.model.n_qubits < N_ACTIONS:
                 raise ValueError("field 'model.n_qubits': DQN with observables 'auto' needs at least 2 qubits")
         return self

@@ -1,6 +1,7 @@
 import pytest
 
-from utils import check_tracking_uri, flatten_dict, resolve_tracking_uri, select_device, simulation_device
+from sweep.tracking import check_tracking_uri, resolve_tracking_uri
+from utils import flatten_dict, select_device, simulation_device
 
 
 @pytest.mark.parametrize("requested,cuda,mps,expected", [
