@@ -33,16 +33,17 @@ from meta.tasks import QubitTasks, TaskFactory
 from models import compile_metrics
 from noise import PSDToLindblad
 from noise.models import FF_VALIDITY, SIMULATIONS, FidelityModel, build_model
-from utils import NonFiniteError, seed_everything, select_device
+from utils import NonFiniteError, seed_everything, seed_streams, select_device
 
-#: Offset of the seed of the held-out tasks: the same validation tasks for every backend and method.
-VALIDATION_SEED_OFFSET = 1_000_003
+#: A qubit_meta run's random streams (utils.seed_streams): support-loss shots, estimator directions,
+#: the training task draws, the robust baseline's start, the held-out tasks (the same validation
+#: tasks for every backend and method of a seed) and the cross-check's noise realisations. The
+#: policy's initial parameters and the variance estimate come from the seed itself.
+SEED_STREAMS = ("shots", "gradient", "train_tasks", "robust", "validation", "crosscheck")
 
 
 #: Above this fraction of held-out tasks outside the filter function's validity, the run gets a ``warning`` tag.
 FF_VALIDITY_WARN_FRACTION = 0.1
-#: Offset of the seed of the noise realisations of the model cross-check (final/crosscheck/*).
-CROSSCHECK_SEED_OFFSET = 2_000_003
 
 
 def converter_for(noise: NoiseConfig) -> PSDToLindblad:
@@ -230,7 +231,7 @@ def crosscheck(exp: ExperimentConfig, factory: TaskFactory, tasks: QubitTasks, p
     out = {}
     for simulation in SIMULATIONS:
         model = fidelity_model(exp.meta, simulation)
-        same = factory.make(tasks.tasks, np.random.default_rng(seed + CROSSCHECK_SEED_OFFSET), model)
+        same = factory.make(tasks.tasks, seed_streams(seed, SEED_STREAMS)["crosscheck"].numpy(), model)
         with torch.no_grad():
             for name, controls in pulses.items():
                 out[f"final/crosscheck/{simulation}/fidelity_{name}"] = float(same.fidelity(controls).mean())
@@ -243,17 +244,17 @@ def train_meta(exp: ExperimentConfig, seed: int, reporter, resume: dict | None =
         raise ValueError("qubit_meta runs have no checkpoints to resume from")
     meta = exp.meta
     seed_everything(seed)
+    streams = seed_streams(seed, SEED_STREAMS)
     device = simulation_device(exp)
     reporter.tags({"device": device, "device_note": "noise simulation on this device (float64/complex128); the policy on the CPU",
                    "simulation": exp.meta.noise.simulation})
     factory = task_factory(exp, device=device)
     policy = build_pulse_policy(exp, factory.n_inputs)
-    shots_gen = torch.Generator().manual_seed(seed + 1)
-    losses = Losses(policy, shots_gen)
-    grads = TaskGradients(exp.gradient, torch.Generator().manual_seed(seed + 2), exp.spsa.c, exp.spsa.n_directions,
+    losses = Losses(policy, streams["shots"].torch())
+    grads = TaskGradients(exp.gradient, streams["gradient"].torch(), exp.spsa.c, exp.spsa.n_directions,
                           exp.finite_diff.step, exp.finite_diff.scheme)
-    train_rng = np.random.default_rng(seed)
-    val_rng = np.random.default_rng(seed + VALIDATION_SEED_OFFSET)
+    train_rng = streams["train_tasks"].numpy()
+    val_rng = streams["validation"].numpy()
     val_tasks = factory.sample(meta.eval.n_tasks, val_rng)
     heldout_tasks = {
         model: factory.make(meta.noise.distribution([model]).sample(meta.eval.n_tasks, val_rng), val_rng.spawn(1)[0])
@@ -266,7 +267,7 @@ def train_meta(exp: ExperimentConfig, seed: int, reporter, resume: dict | None =
     if meta.baselines.robust_steps > 0:
         robust = robust_pulse(lambda n: factory.sample(n, train_rng), meta.n_segments, meta.max_amplitude,
                               meta.baselines.robust_steps, meta.baselines.robust_batch, meta.baselines.lr,
-                              torch.Generator().manual_seed(seed + 3))
+                              streams["robust"].torch())
     baselines_s = time.monotonic() - t0
     if robust is not None:
         with torch.no_grad():
