@@ -11,9 +11,12 @@ One run:
    held-out set of each model type in ``meta.eval.model_types`` (generalisation).
 
 Metrics (MLflow, with steps): ``meta/train_loss`` (query loss after adaptation, per
-iteration), ``meta/support_loss_pre``, ``grad/norm``, ``grad/loss_evals``, ``grad/circuit_evals``;
-``meta/val_fidelity_pre``, ``meta/val_fidelity_post``, ``meta/adaptation_gain`` (per validation
-pass); ``meta/fidelity_vs_k`` (step = k); ``final/*`` (see :meth:`MetaResult.final_metrics`).
+iteration), ``meta/support_loss_pre``, ``grad/norm``, ``grad/loss_evals``, ``grad/circuit_evals``
+(circuits that served the meta-gradient), ``metric/circuit_evals`` (metric-only forwards: Reptile's
+query loss); ``meta/val_fidelity_pre``, ``meta/val_fidelity_post``, ``meta/adaptation_gain``,
+``eval/circuit_evals`` (per validation pass); ``meta/fidelity_vs_k`` (step = k); ``final/*`` (see
+:meth:`MetaResult.final_metrics`). Circuit counts follow docs/CONVENTIONS.md §1.3 and add up:
+``final/total_circuit_evals`` = grad + metric + eval (validation passes and the final evaluation).
 Fidelities are average gate fidelities (exact) on the held-out tasks.
 """
 
@@ -98,8 +101,13 @@ class MetaResult:
     heldout: dict[str, Evaluation]
     variance: dict[str, float]
     loss_evaluations: int
+    """Task-loss evaluations that served meta-gradients (evaluation's adaptation excluded)."""
     grad_circuit_evals: int
-    """Circuits executed by meta-training (all of them serve gradients); evaluation excluded."""
+    """Circuits that served meta-gradients."""
+    metric_circuit_evals: int
+    """Metric-only circuits of meta-training (Reptile's query loss)."""
+    eval_circuit_evals: int
+    """Circuits of the validation passes and the final evaluation."""
     wall_s: float
     baselines_s: float
     crosscheck: dict[str, float]
@@ -128,6 +136,8 @@ class MetaResult:
             "final/iterations": self.iterations,
             "final/loss_evaluations": self.loss_evaluations,
             "final/grad_circuit_evals": self.grad_circuit_evals,
+            "final/metric_circuit_evals": self.metric_circuit_evals,
+            "final/eval_circuit_evals": self.eval_circuit_evals,
             "final/total_circuit_evals": self.policy.circuit_evals,
             "final/train_s": self.wall_s,
             "time/baselines_s": self.baselines_s,
@@ -278,10 +288,10 @@ def train_meta(exp: ExperimentConfig, seed: int, reporter, resume: dict | None =
     optimizer = torch.optim.Adam([theta], lr=meta.meta_lr)
     train_loss: list[float] = []
     validation: list[tuple[int, float, float]] = []
-    grad_circuit_evals = 0
+    grad_circuit_evals = metric_circuit_evals = eval_circuit_evals = loss_evaluations = 0
     start = time.monotonic()
     for it in range(1, meta.iterations + 1):
-        evals_before, loss_evals_before = policy.circuit_evals, grads.loss_evaluations
+        loss_evals_before = grads.loss_evaluations
         tasks = factory.sample(meta.meta_batch_size, train_rng)
         g, info = meta_gradient(exp.algorithm, losses, grads, theta, tasks, meta.inner_steps, meta.inner_lr)
         norm = float(torch.linalg.vector_norm(g))
@@ -297,13 +307,20 @@ def train_meta(exp: ExperimentConfig, seed: int, reporter, resume: dict | None =
         if not torch.isfinite(theta).all():
             raise NonFiniteError(f"non-finite parameter at iteration {it}")
         train_loss.append(info["query_loss_post"])
+        loss_evaluations += grads.loss_evaluations - loss_evals_before
         metrics = {"meta/train_loss": info["query_loss_post"], "meta/support_loss_pre": info["support_loss_pre"],
                    "grad/norm": norm, "grad/loss_evals": grads.loss_evaluations - loss_evals_before}
+        grad_circuit_evals += info["grad_circuit_evals"]
+        metric_circuit_evals += info["metric_circuit_evals"]
         if exp.backend != "classical":
-            metrics["grad/circuit_evals"] = policy.circuit_evals - evals_before
-            grad_circuit_evals += policy.circuit_evals - evals_before
+            metrics["grad/circuit_evals"] = info["grad_circuit_evals"]
+            metrics["metric/circuit_evals"] = info["metric_circuit_evals"]
         if it % meta.eval.every == 0 or it == meta.iterations:
+            eval_before = policy.circuit_evals
             ev = evaluate(losses, grads, theta, val_tasks, sorted({0, meta.inner_steps}), meta.inner_lr)
+            eval_circuit_evals += policy.circuit_evals - eval_before
+            if exp.backend != "classical":
+                metrics["eval/circuit_evals"] = policy.circuit_evals - eval_before
             pre, post = ev.mean(0), ev.mean(meta.inner_steps)
             validation.append((it, pre, post))
             metrics.update({"meta/val_fidelity_pre": pre, "meta/val_fidelity_post": post, "meta/adaptation_gain": post - pre})
@@ -314,11 +331,13 @@ def train_meta(exp: ExperimentConfig, seed: int, reporter, resume: dict | None =
     wall_s = time.monotonic() - start
 
     t1 = time.monotonic()
+    eval_before = policy.circuit_evals
     k_values = sorted(set(meta.eval.k_values) | {0, meta.inner_steps})
     common = dict(robust=robust, optimum_steps=meta.baselines.optimum_steps, optimum_lr=meta.baselines.lr,
                   max_amplitude=meta.max_amplitude)
     final = evaluate(losses, grads, theta, val_tasks, k_values, meta.inner_lr, **common)
     heldout = {m: evaluate(losses, grads, theta, t, k_values, meta.inner_lr, **common) for m, t in heldout_tasks.items()}
+    eval_circuit_evals += policy.circuit_evals - eval_before
     for k in k_values:
         reporter.metrics({"meta/fidelity_vs_k": final.mean(k)}, k)
     variance = factory.distribution.compute_variance(factory.converter, n_samples=2000, seed=seed)
@@ -333,7 +352,7 @@ def train_meta(exp: ExperimentConfig, seed: int, reporter, resume: dict | None =
                                   "simulation: trajectories"})
     checks.update(crosscheck(exp, factory, val_tasks, final_pulses, seed))
     result = MetaResult(exp, theta.detach(), robust, policy, train_loss, validation, final, heldout, variance,
-                        grads.loss_evaluations, grad_circuit_evals, wall_s, baselines_s + time.monotonic() - t1, checks)
+                        loss_evaluations, grad_circuit_evals, metric_circuit_evals, eval_circuit_evals, wall_s, baselines_s + time.monotonic() - t1, checks)
     return result
 
 

@@ -239,6 +239,11 @@ def test_qubit_meta_runs_pass_on_every_backend(tmp_path):
         assert m[f"final/crosscheck/{own}/fidelity_post"] == pytest.approx(m["final/fidelity_post"], abs=1e-12 if own != "trajectories" else 0.05)
         if not name.startswith("classical"):
             assert 0 < m["final/grad_circuit_evals"] <= m["final/total_circuit_evals"]
+            # every circuit is counted once: for the gradient, for a metric (Reptile's query) or for evaluation
+            assert m["final/total_circuit_evals"] == (m["final/grad_circuit_evals"] + m["final/metric_circuit_evals"]
+                                                      + m["final/eval_circuit_evals"])
+            assert (m["final/metric_circuit_evals"] > 0) == name.endswith("reptile")
+            assert m["final/eval_circuit_evals"] > 0
         assert [h.step for h in client.get_metric_history(run.info.run_id, "meta/fidelity_vs_k")] == [0, 1, 2]
         assert len(client.get_metric_history(run.info.run_id, "meta/train_loss")) == 3
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
