@@ -352,7 +352,8 @@ def train_meta(exp: ExperimentConfig, seed: int, reporter, resume: dict | None =
                                   "simulation: trajectories"})
     checks.update(crosscheck(exp, factory, val_tasks, final_pulses, seed))
     result = MetaResult(exp, theta.detach(), robust, policy, train_loss, validation, final, heldout, variance,
-                        loss_evaluations, grad_circuit_evals, metric_circuit_evals, eval_circuit_evals, wall_s, baselines_s + time.monotonic() - t1, checks)
+                        loss_evaluations, grad_circuit_evals, metric_circuit_evals, eval_circuit_evals, wall_s,
+                        baselines_s + time.monotonic() - t1, checks)
     return result
 
 

@@ -263,9 +263,8 @@ def test_every_fidelity_model_runs_the_meta_losses_with_gradients():
 def test_same_seed_same_meta_run_and_other_seeds_differ():
     """Every random stream of a qubit_meta run (task draws, shots, SPSA directions, validation tasks,
     robust start) comes from the seed: the same seed repeats the run bit for bit."""
-    from train import NullReporter
-
     from meta.train import train_meta
+    from train import NullReporter
 
     exp = experiment(task="qubit_meta", backend="classical", gradient="spsa", algorithm="fomaml",
                      model={"hidden_sizes": [6]},
