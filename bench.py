@@ -172,11 +172,13 @@ def recorded_batch(n_transitions: int, seed: int = 0):
     import gymnasium as gym
 
     from train import ENV_ID, discounted_returns
+    from utils import seed_streams
 
     env = gym.make(ENV_ID)
-    rng = np.random.default_rng(seed)
+    streams = seed_streams(seed, ("actions", "env"))  # gymnasium's reset(seed=s) generator is default_rng(s): not for both
+    rng = streams["actions"].numpy()
     obs_all, act_all, ret_all, episodes = [], [], [], 0
-    obs, _ = env.reset(seed=seed)
+    obs, _ = env.reset(seed=streams["env"].int())
     while len(obs_all) < n_transitions:
         rewards = []
         done = False

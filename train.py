@@ -28,9 +28,14 @@ import gradients
 from config_schema import ExperimentConfig
 from models import PolicyModel, build_model, compile_metrics
 from tasks.cartpole import ENV_ID
-from utils import NonFiniteError, seed_everything, select_device, simulation_device
+from utils import NonFiniteError, seed_everything, seed_streams, select_device, simulation_device
 
 AVG_WINDOW = 10
+#: A CartPole run's random streams (utils.seed_streams): estimator directions, REINFORCE's sampled
+#: actions, environment resets (one seed per environment), the action space, DQN's exploration and
+#: replay sampling. The initial weights come from the seed itself (models.build_model), so a run's
+#: seed-0 weights are the reference policy's.
+SEED_STREAMS = ("gradient", "actions", "env", "action_space", "dqn")
 
 #: f(outputs (..., N, A)) -> loss (...)
 OutputLoss = Callable[[torch.Tensor], torch.Tensor]
@@ -136,7 +141,7 @@ class GradientStep:
         self.model = model
         self.exp = exp
         self.optimizer = torch.optim.Adam(model.param_groups(exp.training.lr))
-        self.generator = torch.Generator().manual_seed(seed + 1)
+        self.generator = seed_streams(seed, SEED_STREAMS)["gradient"].torch()
         self.spsa_gains = gradients.SPSAGains(**exp.spsa.model_dump(exclude={"n_directions"}))
         self.scheduler = None
         if exp.gradient == "spsa":
@@ -293,15 +298,18 @@ def _result(model: PolicyModel, step: GradientStep, returns: list[float], env_st
 def train_reinforce(exp: ExperimentConfig, seed: int, reporter: Reporter, resume: dict | None = None) -> TrainResult:
     cfg = exp.training
     seed_everything(seed)  # REINFORCE draws its actions from the explicit torch generator below
+    streams = seed_streams(seed, SEED_STREAMS)
     n_envs = min(cfg.episodes_per_batch, cfg.episodes)
     envs = gym.make_vec(ENV_ID, num_envs=n_envs, vectorization_mode="sync")
-    envs.action_space.seed(seed)
+    envs.action_space.seed(streams["action_space"].int())
+    # one reset seed per environment (a vector env given one int seeds its envs seed, seed + 1, ...)
+    env_seeds = streams["env"].ints(n_envs)
     n_inputs = envs.single_observation_space.shape[0]
     n_actions = int(envs.single_action_space.n)
     model = build_model(exp, n_inputs, n_actions, seed)
     device = _place(model, exp, reporter)
     step = GradientStep(model, exp, seed)
-    action_gen = torch.Generator().manual_seed(seed + 2)
+    action_gen = streams["actions"].torch()
     returns_all: list[float] = []
     env_steps = grad_evals = 0
     elapsed_before = 0.0
@@ -309,7 +317,7 @@ def train_reinforce(exp: ExperimentConfig, seed: int, reporter: Reporter, resume
     if resume is not None:
         returns_all, env_steps, grad_evals, elapsed_before = _restore_common(resume, model, step, "reinforce")
         action_gen.set_state(resume["action_gen"])
-        envs.reset(seed=seed)  # then each environment's generator continues where the checkpoint left it
+        envs.reset(seed=env_seeds)  # then each environment's generator continues where the checkpoint left it
         for env, rng_state in zip(envs.envs, resume["env_rngs"], strict=True):
             env.unwrapped.np_random.bit_generator.state = rng_state
         first = False
@@ -319,7 +327,7 @@ def train_reinforce(exp: ExperimentConfig, seed: int, reporter: Reporter, resume
         while episode < cfg.episodes and not _solved(returns_all, cfg.stop_avg_return):
             t_batch = time.perf_counter()
             n_ep = min(n_envs, cfg.episodes - episode)
-            obs, _ = envs.reset(seed=seed if first else None)
+            obs, _ = envs.reset(seed=env_seeds if first else None)
             first = False
             active = np.zeros(n_envs, dtype=bool)
             active[:n_ep] = True
@@ -435,9 +443,12 @@ def dqn_loss(actions: torch.Tensor, targets: torch.Tensor) -> OutputLoss:
 
 def train_dqn(exp: ExperimentConfig, seed: int, reporter: Reporter, resume: dict | None = None) -> TrainResult:
     cfg, dq = exp.training, exp.training.dqn
-    rng = seed_everything(seed)
+    seed_everything(seed)
+    streams = seed_streams(seed, SEED_STREAMS)
+    rng = streams["dqn"].numpy()  # exploration and replay sampling
+    env_seed = streams["env"].int()
     env = gym.make(ENV_ID)
-    env.action_space.seed(seed)
+    env.action_space.seed(streams["action_space"].int())
     n_inputs = env.observation_space.shape[0]
     n_actions = int(env.action_space.n)
     model = build_model(exp, n_inputs, n_actions, seed)
@@ -452,14 +463,14 @@ def train_dqn(exp: ExperimentConfig, seed: int, reporter: Reporter, resume: dict
     env_steps = grad_evals = 0
     elapsed_before = 0.0
     if resume is None:
-        obs, _ = env.reset(seed=seed)
+        obs, _ = env.reset(seed=env_seed)
     else:
         returns_all, env_steps, grad_evals, elapsed_before = _restore_common(resume, model, step, "dqn")
         rng.bit_generator.state = resume["rng"]
         buffer.load_state_dict(resume["buffer"])
         epsilon = resume["epsilon"]
         target_params = resume["target_params"]
-        env.reset(seed=seed)
+        env.reset(seed=env_seed)
         env.unwrapped.np_random.bit_generator.state = resume["env_rng_before_reset"]
         obs, _ = env.reset()  # the same reset the interrupted run did after its last checkpointed episode
     recent = deque(returns_all[-AVG_WINDOW:], maxlen=AVG_WINDOW)

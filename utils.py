@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import random
 import subprocess
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -70,18 +71,60 @@ def simulation_device(backend: str, device: str, tc_math_backend: str = "jax") -
 # Seeding
 
 
-def seed_everything(seed: int) -> np.random.Generator:
-    """Seed python, numpy and torch global state; return a fresh numpy Generator for explicit use.
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch global state.
 
-    Library code takes explicit generators; the global seeds only guard third-party code that
-    draws from global state. Environments are seeded where they are reset (see train.py).
+    Library code takes explicit generators (:func:`seed_streams`); the global seeds only guard
+    third-party code that draws from global state.
     """
     import torch
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    return np.random.default_rng(seed)
+
+
+class SeedStream:
+    """One named random stream of a run: a child of ``numpy.random.SeedSequence(seed)``.
+
+    The child has spawn key ``(crc32(name),)``: the child that ``SeedSequence(seed).spawn`` gives at
+    that index, addressed by name so that adding, removing or reordering streams never shifts the
+    others. Children of one seed, of different seeds, and the root ``SeedSequence(seed)`` itself
+    are independent streams (numpy hashes entropy and spawn key together), unlike ``seed + k``,
+    which makes seed 0's second stream seed 1's first. One stream feeds one consumer.
+    """
+
+    def __init__(self, seed: int, name: str):
+        self.name = name
+        self.sequence = np.random.SeedSequence(seed, spawn_key=(zlib.crc32(name.encode()),))
+
+    def numpy(self) -> np.random.Generator:
+        """A numpy Generator (PCG64) on this stream."""
+        return np.random.default_rng(self.sequence)
+
+    def ints(self, n: int) -> list[int]:
+        """``n`` independent 64-bit integers from this stream (environment reset seeds, torch seeds)."""
+        return [int(v) for v in self.sequence.generate_state(n, np.uint64)]
+
+    def int(self) -> int:
+        return self.ints(1)[0]
+
+    def torch(self):
+        """A torch CPU Generator seeded with :meth:`int`."""
+        import torch
+
+        return torch.Generator().manual_seed(self.int())
+
+
+def seed_streams(seed: int, names: list[str] | tuple[str, ...]) -> dict[str, SeedStream]:
+    """The run's named streams (docs/CONVENTIONS.md §1.5); duplicate names are refused."""
+    if len(set(names)) != len(names):
+        raise ValueError(f"seed stream names must be distinct, got {list(names)}")
+    streams = {name: SeedStream(seed, name) for name in names}
+    keys = {s.sequence.spawn_key for s in streams.values()}
+    if len(keys) != len(streams):  # a crc32 collision between two names: rename one
+        raise ValueError(f"seed stream names {list(names)} collide on their spawn keys; rename one")
+    return streams
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,20 @@ al. 2017), starting from phi = theta for every task.
 - ``reptile`` (Nichol et al. 2018): meta-gradient = theta - mean_b phi_b; the query loss is
   reported, not differentiated.
 
+Costs (docs/CONVENTIONS.md §1.3; B tasks, K inner steps; a circuit evaluation is one row through
+the policy's circuit, one per task per parameter point). One call of :class:`TaskGradients` costs
+c = B (backprop, adjoint: the forward pass; the backward pass runs no circuit of ours), B (1 + 2G)
+(parameter shift over the G gate angles of the circuit), B (2m + 1) (SPSA, m directions),
+B (2P + 1) or B (P + 1) (central or forward differences, P parameters). Meta-gradient:
+
+- ``maml``: (K + 1) B: K support forwards and the query forward, differentiated through;
+- ``fomaml``: (K + 1) c: K support gradients and the query gradient;
+- ``reptile``: K c, plus B apart (``metric_circuit_evals``): the query loss after adaptation is
+  only a metric, evaluated without gradient.
+
+The support loss before adaptation (``support_loss_pre``) is the first inner step's own loss at
+theta, for every method: it costs nothing extra.
+
 The meta-gradient goes to Adam, after clipping its norm. Per-task gradients come from
 :class:`TaskGradients`: autograd (one backward over the sum of the task losses: task b's loss
 depends on row b only), or SPSA / finite differences from gradients.py, each task's shifted
@@ -103,16 +117,21 @@ def adapt(
     lr: float,
     create_graph: bool = False,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
+    on_loss: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """K plain gradient steps on the support loss from ``params`` (B, P); returns the adapted (B, P).
 
-    ``on_step(k, phi)`` is called with the parameters after k = 0..steps steps.
+    ``on_step(k, phi)`` is called with the parameters after k = 0..steps steps; ``on_loss(k, losses)``
+    with the support losses (B,) at the parameters after k steps, as step k + 1 computed them for
+    its gradient (k = 0..steps - 1).
     """
     phi = params
     if on_step is not None:
         on_step(0, phi)
     for k in range(1, steps + 1):
-        _, g = grads(losses.support, phi, tasks, create_graph=create_graph)
+        support, g = grads(losses.support, phi, tasks, create_graph=create_graph)
+        if on_loss is not None:
+            on_loss(k - 1, support.detach())
         phi = phi - lr * g
         if not create_graph:
             phi = phi.detach()
@@ -130,29 +149,45 @@ def meta_gradient(
     inner_steps: int,
     inner_lr: float,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Meta-gradient (P,) of one meta-batch, and its metrics (support and query losses)."""
+    """Meta-gradient (P,) of one meta-batch, and its metrics: the support loss before and the query
+    loss after adaptation, and the circuit evaluations split into ``grad_circuit_evals`` (they serve
+    the meta-gradient) and ``metric_circuit_evals`` (metric-only forwards); see the module's costs."""
+    if algorithm not in ("maml", "fomaml", "reptile"):
+        raise ValueError(f"algorithm {algorithm!r}; allowed: maml, fomaml, reptile")
     b = len(tasks)
     start = theta.detach().expand(b, -1)
-    pre_support = float(losses.support(start, tasks).mean()) if not grads.estimated else float("nan")
+    counter = losses.policy
+    evals_before, metric_evals = counter.circuit_evals, 0
+    support_pre: list[float] = []
+
+    def first_support(k: int, values: torch.Tensor) -> None:
+        if k == 0:
+            support_pre.append(float(values.mean()))
+
     if algorithm == "maml":
         theta_var = theta.detach().clone().requires_grad_(True)
-        phi = adapt(losses, grads, theta_var.expand(b, -1), tasks, inner_steps, inner_lr, create_graph=True)
+        phi = adapt(losses, grads, theta_var.expand(b, -1), tasks, inner_steps, inner_lr, create_graph=True,
+                    on_loss=first_support)
         query = losses.query(phi, tasks).mean()
+        grads.loss_evaluations += b  # the query forward serves the meta-gradient
         (meta_grad,) = torch.autograd.grad(query, theta_var)
         query_value = float(query.detach())
     elif algorithm == "fomaml":
-        phi = adapt(losses, grads, start.clone(), tasks, inner_steps, inner_lr)
+        phi = adapt(losses, grads, start.clone(), tasks, inner_steps, inner_lr, on_loss=first_support)
         query_losses, query_grads = grads(losses.query, phi, tasks)
         meta_grad = query_grads.mean(0)
         query_value = float(query_losses.detach().mean())
-    elif algorithm == "reptile":
-        phi = adapt(losses, grads, start.clone(), tasks, inner_steps, inner_lr)
+    else:  # reptile
+        phi = adapt(losses, grads, start.clone(), tasks, inner_steps, inner_lr, on_loss=first_support)
         meta_grad = theta.detach() - phi.mean(0)
-        with torch.no_grad():
+        metric_before = counter.circuit_evals
+        with torch.no_grad():  # a metric only: Reptile's meta-gradient does not use the query loss
             query_value = float(losses.query(phi, tasks).mean())
-    else:
-        raise ValueError(f"algorithm {algorithm!r}; allowed: maml, fomaml, reptile")
-    return meta_grad.detach(), {"support_loss_pre": pre_support, "query_loss_post": query_value}
+        metric_evals = counter.circuit_evals - metric_before
+    total = counter.circuit_evals - evals_before
+    return meta_grad.detach(), {"support_loss_pre": support_pre[0] if support_pre else float("nan"),
+                                "query_loss_post": query_value,
+                                "grad_circuit_evals": total - metric_evals, "metric_circuit_evals": metric_evals}
 
 
 # ---------------------------------------------------------------------------------------------

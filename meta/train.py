@@ -11,9 +11,12 @@ One run:
    held-out set of each model type in ``meta.eval.model_types`` (generalisation).
 
 Metrics (MLflow, with steps): ``meta/train_loss`` (query loss after adaptation, per
-iteration), ``meta/support_loss_pre``, ``grad/norm``, ``grad/loss_evals``, ``grad/circuit_evals``;
-``meta/val_fidelity_pre``, ``meta/val_fidelity_post``, ``meta/adaptation_gain`` (per validation
-pass); ``meta/fidelity_vs_k`` (step = k); ``final/*`` (see :meth:`MetaResult.final_metrics`).
+iteration), ``meta/support_loss_pre``, ``grad/norm``, ``grad/loss_evals``, ``grad/circuit_evals``
+(circuits that served the meta-gradient), ``metric/circuit_evals`` (metric-only forwards: Reptile's
+query loss); ``meta/val_fidelity_pre``, ``meta/val_fidelity_post``, ``meta/adaptation_gain``,
+``eval/circuit_evals`` (per validation pass); ``meta/fidelity_vs_k`` (step = k); ``final/*`` (see
+:meth:`MetaResult.final_metrics`). Circuit counts follow docs/CONVENTIONS.md §1.3 and add up:
+``final/total_circuit_evals`` = grad + metric + eval (validation passes and the final evaluation).
 Fidelities are average gate fidelities (exact) on the held-out tasks.
 """
 
@@ -33,16 +36,17 @@ from meta.tasks import QubitTasks, TaskFactory
 from models import compile_metrics
 from noise import PSDToLindblad
 from noise.models import FF_VALIDITY, SIMULATIONS, FidelityModel, build_model
-from utils import NonFiniteError, seed_everything, select_device
+from utils import NonFiniteError, seed_everything, seed_streams, select_device
 
-#: Offset of the seed of the held-out tasks: the same validation tasks for every backend and method.
-VALIDATION_SEED_OFFSET = 1_000_003
+#: A qubit_meta run's random streams (utils.seed_streams): support-loss shots, estimator directions,
+#: the training task draws, the robust baseline's start, the held-out tasks (the same validation
+#: tasks for every backend and method of a seed) and the cross-check's noise realisations. The
+#: policy's initial parameters and the variance estimate come from the seed itself.
+SEED_STREAMS = ("shots", "gradient", "train_tasks", "robust", "validation", "crosscheck")
 
 
 #: Above this fraction of held-out tasks outside the filter function's validity, the run gets a ``warning`` tag.
 FF_VALIDITY_WARN_FRACTION = 0.1
-#: Offset of the seed of the noise realisations of the model cross-check (final/crosscheck/*).
-CROSSCHECK_SEED_OFFSET = 2_000_003
 
 
 def converter_for(noise: NoiseConfig) -> PSDToLindblad:
@@ -97,8 +101,13 @@ class MetaResult:
     heldout: dict[str, Evaluation]
     variance: dict[str, float]
     loss_evaluations: int
+    """Task-loss evaluations that served meta-gradients (evaluation's adaptation excluded)."""
     grad_circuit_evals: int
-    """Circuits executed by meta-training (all of them serve gradients); evaluation excluded."""
+    """Circuits that served meta-gradients."""
+    metric_circuit_evals: int
+    """Metric-only circuits of meta-training (Reptile's query loss)."""
+    eval_circuit_evals: int
+    """Circuits of the validation passes and the final evaluation."""
     wall_s: float
     baselines_s: float
     crosscheck: dict[str, float]
@@ -127,6 +136,8 @@ class MetaResult:
             "final/iterations": self.iterations,
             "final/loss_evaluations": self.loss_evaluations,
             "final/grad_circuit_evals": self.grad_circuit_evals,
+            "final/metric_circuit_evals": self.metric_circuit_evals,
+            "final/eval_circuit_evals": self.eval_circuit_evals,
             "final/total_circuit_evals": self.policy.circuit_evals,
             "final/train_s": self.wall_s,
             "time/baselines_s": self.baselines_s,
@@ -230,7 +241,7 @@ def crosscheck(exp: ExperimentConfig, factory: TaskFactory, tasks: QubitTasks, p
     out = {}
     for simulation in SIMULATIONS:
         model = fidelity_model(exp.meta, simulation)
-        same = factory.make(tasks.tasks, np.random.default_rng(seed + CROSSCHECK_SEED_OFFSET), model)
+        same = factory.make(tasks.tasks, seed_streams(seed, SEED_STREAMS)["crosscheck"].numpy(), model)
         with torch.no_grad():
             for name, controls in pulses.items():
                 out[f"final/crosscheck/{simulation}/fidelity_{name}"] = float(same.fidelity(controls).mean())
@@ -243,17 +254,17 @@ def train_meta(exp: ExperimentConfig, seed: int, reporter, resume: dict | None =
         raise ValueError("qubit_meta runs have no checkpoints to resume from")
     meta = exp.meta
     seed_everything(seed)
+    streams = seed_streams(seed, SEED_STREAMS)
     device = simulation_device(exp)
     reporter.tags({"device": device, "device_note": "noise simulation on this device (float64/complex128); the policy on the CPU",
                    "simulation": exp.meta.noise.simulation})
     factory = task_factory(exp, device=device)
     policy = build_pulse_policy(exp, factory.n_inputs)
-    shots_gen = torch.Generator().manual_seed(seed + 1)
-    losses = Losses(policy, shots_gen)
-    grads = TaskGradients(exp.gradient, torch.Generator().manual_seed(seed + 2), exp.spsa.c, exp.spsa.n_directions,
+    losses = Losses(policy, streams["shots"].torch())
+    grads = TaskGradients(exp.gradient, streams["gradient"].torch(), exp.spsa.c, exp.spsa.n_directions,
                           exp.finite_diff.step, exp.finite_diff.scheme)
-    train_rng = np.random.default_rng(seed)
-    val_rng = np.random.default_rng(seed + VALIDATION_SEED_OFFSET)
+    train_rng = streams["train_tasks"].numpy()
+    val_rng = streams["validation"].numpy()
     val_tasks = factory.sample(meta.eval.n_tasks, val_rng)
     heldout_tasks = {
         model: factory.make(meta.noise.distribution([model]).sample(meta.eval.n_tasks, val_rng), val_rng.spawn(1)[0])
@@ -266,7 +277,7 @@ def train_meta(exp: ExperimentConfig, seed: int, reporter, resume: dict | None =
     if meta.baselines.robust_steps > 0:
         robust = robust_pulse(lambda n: factory.sample(n, train_rng), meta.n_segments, meta.max_amplitude,
                               meta.baselines.robust_steps, meta.baselines.robust_batch, meta.baselines.lr,
-                              torch.Generator().manual_seed(seed + 3))
+                              streams["robust"].torch())
     baselines_s = time.monotonic() - t0
     if robust is not None:
         with torch.no_grad():
@@ -277,10 +288,10 @@ def train_meta(exp: ExperimentConfig, seed: int, reporter, resume: dict | None =
     optimizer = torch.optim.Adam([theta], lr=meta.meta_lr)
     train_loss: list[float] = []
     validation: list[tuple[int, float, float]] = []
-    grad_circuit_evals = 0
+    grad_circuit_evals = metric_circuit_evals = eval_circuit_evals = loss_evaluations = 0
     start = time.monotonic()
     for it in range(1, meta.iterations + 1):
-        evals_before, loss_evals_before = policy.circuit_evals, grads.loss_evaluations
+        loss_evals_before = grads.loss_evaluations
         tasks = factory.sample(meta.meta_batch_size, train_rng)
         g, info = meta_gradient(exp.algorithm, losses, grads, theta, tasks, meta.inner_steps, meta.inner_lr)
         norm = float(torch.linalg.vector_norm(g))
@@ -296,13 +307,20 @@ def train_meta(exp: ExperimentConfig, seed: int, reporter, resume: dict | None =
         if not torch.isfinite(theta).all():
             raise NonFiniteError(f"non-finite parameter at iteration {it}")
         train_loss.append(info["query_loss_post"])
+        loss_evaluations += grads.loss_evaluations - loss_evals_before
         metrics = {"meta/train_loss": info["query_loss_post"], "meta/support_loss_pre": info["support_loss_pre"],
                    "grad/norm": norm, "grad/loss_evals": grads.loss_evaluations - loss_evals_before}
+        grad_circuit_evals += info["grad_circuit_evals"]
+        metric_circuit_evals += info["metric_circuit_evals"]
         if exp.backend != "classical":
-            metrics["grad/circuit_evals"] = policy.circuit_evals - evals_before
-            grad_circuit_evals += policy.circuit_evals - evals_before
+            metrics["grad/circuit_evals"] = info["grad_circuit_evals"]
+            metrics["metric/circuit_evals"] = info["metric_circuit_evals"]
         if it % meta.eval.every == 0 or it == meta.iterations:
+            eval_before = policy.circuit_evals
             ev = evaluate(losses, grads, theta, val_tasks, sorted({0, meta.inner_steps}), meta.inner_lr)
+            eval_circuit_evals += policy.circuit_evals - eval_before
+            if exp.backend != "classical":
+                metrics["eval/circuit_evals"] = policy.circuit_evals - eval_before
             pre, post = ev.mean(0), ev.mean(meta.inner_steps)
             validation.append((it, pre, post))
             metrics.update({"meta/val_fidelity_pre": pre, "meta/val_fidelity_post": post, "meta/adaptation_gain": post - pre})
@@ -313,11 +331,13 @@ def train_meta(exp: ExperimentConfig, seed: int, reporter, resume: dict | None =
     wall_s = time.monotonic() - start
 
     t1 = time.monotonic()
+    eval_before = policy.circuit_evals
     k_values = sorted(set(meta.eval.k_values) | {0, meta.inner_steps})
     common = dict(robust=robust, optimum_steps=meta.baselines.optimum_steps, optimum_lr=meta.baselines.lr,
                   max_amplitude=meta.max_amplitude)
     final = evaluate(losses, grads, theta, val_tasks, k_values, meta.inner_lr, **common)
     heldout = {m: evaluate(losses, grads, theta, t, k_values, meta.inner_lr, **common) for m, t in heldout_tasks.items()}
+    eval_circuit_evals += policy.circuit_evals - eval_before
     for k in k_values:
         reporter.metrics({"meta/fidelity_vs_k": final.mean(k)}, k)
     variance = factory.distribution.compute_variance(factory.converter, n_samples=2000, seed=seed)
@@ -332,7 +352,8 @@ def train_meta(exp: ExperimentConfig, seed: int, reporter, resume: dict | None =
                                   "simulation: trajectories"})
     checks.update(crosscheck(exp, factory, val_tasks, final_pulses, seed))
     result = MetaResult(exp, theta.detach(), robust, policy, train_loss, validation, final, heldout, variance,
-                        grads.loss_evaluations, grad_circuit_evals, wall_s, baselines_s + time.monotonic() - t1, checks)
+                        loss_evaluations, grad_circuit_evals, metric_circuit_evals, eval_circuit_evals, wall_s,
+                        baselines_s + time.monotonic() - t1, checks)
     return result
 
 

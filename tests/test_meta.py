@@ -239,6 +239,11 @@ def test_qubit_meta_runs_pass_on_every_backend(tmp_path):
         assert m[f"final/crosscheck/{own}/fidelity_post"] == pytest.approx(m["final/fidelity_post"], abs=1e-12 if own != "trajectories" else 0.05)
         if not name.startswith("classical"):
             assert 0 < m["final/grad_circuit_evals"] <= m["final/total_circuit_evals"]
+            # every circuit is counted once: for the gradient, for a metric (Reptile's query) or for evaluation
+            assert m["final/total_circuit_evals"] == (m["final/grad_circuit_evals"] + m["final/metric_circuit_evals"]
+                                                      + m["final/eval_circuit_evals"])
+            assert (m["final/metric_circuit_evals"] > 0) == name.endswith("reptile")
+            assert m["final/eval_circuit_evals"] > 0
         assert [h.step for h in client.get_metric_history(run.info.run_id, "meta/fidelity_vs_k")] == [0, 1, 2]
         assert len(client.get_metric_history(run.info.run_id, "meta/train_loss")) == 3
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -253,3 +258,21 @@ def test_every_fidelity_model_runs_the_meta_losses_with_gradients():
         assert tasks.model.name == simulation
         g, info = meta_gradient("maml", losses, autograd(), theta, tasks, inner_steps=1, inner_lr=0.05)
         assert torch.isfinite(g).all() and (g.abs() > 0).any() and 0 < info["query_loss_post"] < 1
+
+
+def test_same_seed_same_meta_run_and_other_seeds_differ():
+    """Every random stream of a qubit_meta run (task draws, shots, SPSA directions, validation tasks,
+    robust start) comes from the seed: the same seed repeats the run bit for bit."""
+    from meta.train import train_meta
+    from train import NullReporter
+
+    exp = experiment(task="qubit_meta", backend="classical", gradient="spsa", algorithm="fomaml",
+                     model={"hidden_sizes": [6]},
+                     meta={"iterations": 2, "meta_batch_size": 2, "inner_steps": 1, "n_segments": 4,
+                           "support": {"states": 2, "shots": 8},
+                           "eval": {"every": 2, "n_tasks": 2, "k_values": [0, 1], "model_types": []},
+                           "baselines": {"robust_steps": 2, "optimum_steps": 0}})
+    a, b, c = (train_meta(exp, seed, NullReporter()) for seed in (3, 3, 4))
+    assert a.train_loss == b.train_loss and torch.equal(a.theta, b.theta) and torch.equal(a.robust_pulse, b.robust_pulse)
+    assert np.array_equal(a.final.by_k[1], b.final.by_k[1])
+    assert a.train_loss != c.train_loss and not np.array_equal(a.final.by_k[0], c.final.by_k[0])

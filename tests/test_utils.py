@@ -57,3 +57,43 @@ def test_tracking_uri_resolution_and_checks(tmp_path, monkeypatch):
         check_tracking_uri("./mlruns")
     with pytest.raises(RuntimeError, match="unreachable"):
         check_tracking_uri("http://127.0.0.1:9", timeout_s=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Seed streams
+
+
+def test_seed_streams_of_different_seeds_and_names_never_coincide():
+    """The old derivation (seed + k) made seed 0's second stream seed 1's first; spawned children do not."""
+    import numpy as np
+    import torch
+
+    from meta.train import SEED_STREAMS as META_STREAMS
+    from train import SEED_STREAMS as CARTPOLE_STREAMS
+    from utils import seed_streams
+
+    names = sorted(set(CARTPOLE_STREAMS) | set(META_STREAMS))
+    draws, ints, torch_draws = {}, {}, {}
+    for seed in range(4):
+        for name, stream in seed_streams(seed, names).items():
+            draws[seed, name] = tuple(stream.numpy().integers(0, 2**63, 4))
+            ints[seed, name] = stream.int()
+            torch_draws[seed, name] = tuple(torch.randint(0, 2**62, (4,), generator=stream.torch()).tolist())
+    for table in (draws, ints, torch_draws):
+        assert len(set(table.values())) == len(table) == 4 * len(names)
+    # and none equals a run's root stream or the integer seeds themselves
+    roots = {tuple(np.random.default_rng(seed).integers(0, 2**63, 4)) for seed in range(4)}
+    assert not roots & set(draws.values()) and not set(range(4)) & set(ints.values())
+
+
+def test_seed_streams_are_reproducible_and_addressed_by_name():
+    from utils import SeedStream, seed_streams
+
+    a = seed_streams(7, ["gradient", "env"])["env"]
+    b = seed_streams(7, ["env"])["env"]  # other names and their order do not shift a stream
+    assert a.ints(3) == b.ints(3) == SeedStream(7, "env").ints(3)
+    assert list(a.numpy().random(3)) == list(b.numpy().random(3))
+    assert len(set(a.ints(10))) == 10  # per-environment reset seeds are distinct
+    assert a.ints(10)[:3] == a.ints(3)  # environment i's seed does not depend on the number of environments
+    with pytest.raises(ValueError, match="distinct"):
+        seed_streams(0, ["env", "env"])
