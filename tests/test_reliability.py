@@ -91,7 +91,7 @@ def test_sigkill_of_the_sweep_then_resume_continues_from_the_checkpoint(tmp_path
             row = db.execute("SELECT run_uuid, value FROM tags WHERE key = 'checkpoint_episode'").fetchone()
         return row[0] if row and int(row[1]) >= 50 else None
 
-    run_id = wait_for(checkpointed_long_run, 60, "a checkpoint of the long run")
+    run_id = wait_for(checkpointed_long_run, 180, "a checkpoint of the long run")  # generous: a loaded machine
     sweep.send_signal(signal.SIGKILL)
     sweep.wait(10)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
