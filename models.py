@@ -834,3 +834,104 @@ def _scale_tensor(scale: tuple[float, ...] | None, n_inputs: int) -> torch.Tenso
     if len(values) != n_inputs:
         raise ValueError(f"observation scale has {len(values)} entries for {n_inputs} inputs")
     return torch.tensor(values, dtype=DTYPE)
+
+
+# ---------------------------------------------------------------------------------------------
+# SSM: a diagonal state-space model (S4D / S5 family), for sequence encoders and recurrent bodies
+
+
+class SSM(nn.Module):
+    """A diagonal linear state-space layer between an input and an output projection.
+
+    Per step ``t`` (``u_t = W_in x_t`` in R^H, complex state ``h_t`` in C^N)::
+
+        h_t = Lambda_bar * h_{t-1} + B_bar u_t
+        y_t = Re(C h_t) + D * u_t
+        out_t = W_out gelu(y_t)
+
+    The continuous system dh/dt = Lambda h + B u has a diagonal ``Lambda = -exp(log_decay) + i freq``
+    (S4D-Lin start: -1/2 + i pi n, Gu et al. 2022) and is discretised by a zero-order hold with a
+    learned step ``Delta = exp(log_dt)`` per state (S5, Smith et al. 2023)::
+
+        Lambda_bar = exp(Lambda Delta),  B_bar = (Lambda_bar - 1) / Lambda * B
+
+    ``|Lambda_bar| = exp(-exp(log_decay) Delta) < 1`` for every parameter value: the recurrence
+    is stable however training moves the parameters. Complex parameters are stored as real and
+    imaginary parts, so every parameter is a real tensor (flat vectors, trust regions, Adam).
+
+    ``forward(x, hidden_state=None)`` returns one tensor: ``x`` (B, state_dim) is one step from
+    ``hidden_state`` (zeros when None) -> (B, output_dim); ``x`` (B, T, state_dim) is a sequence ->
+    (B, T, output_dim). :meth:`step` and :meth:`forward_sequence` also return the new state
+    (B, N), complex.
+    """
+
+    def __init__(self, state_dim: int, hidden_dim: int = 128, output_dim: int = 32, device: str = "cpu", *,
+                 state_size: int | None = None, dt_min: float = 1e-3, dt_max: float = 1e-1,
+                 dtype: torch.dtype = torch.float32, seed: int | None = None):
+        super().__init__()
+        for name, value in (("state_dim", state_dim), ("hidden_dim", hidden_dim), ("output_dim", output_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"SSM {name}: {value!r}; need a positive integer")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"SSM dt_min, dt_max: ({dt_min}, {dt_max}); need 0 < dt_min <= dt_max")
+        n = state_size or hidden_dim
+        self.state_dim, self.hidden_dim, self.output_dim, self.state_size = state_dim, hidden_dim, output_dim, n
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            self.encoder = nn.Linear(state_dim, hidden_dim, dtype=dtype)
+            self.decoder = nn.Linear(hidden_dim, output_dim, dtype=dtype)
+        real = dict(dtype=dtype)
+        self.log_decay = nn.Parameter(torch.full((n,), math.log(0.5), **real))
+        self.freq = nn.Parameter(math.pi * torch.arange(n, **real))
+        u = torch.rand(n, generator=gen, **real)
+        self.log_dt = nn.Parameter(math.log(dt_min) + u * (math.log(dt_max) - math.log(dt_min)))
+        self.B_re = nn.Parameter(torch.randn(n, hidden_dim, generator=gen, **real) / math.sqrt(2 * hidden_dim))
+        self.B_im = nn.Parameter(torch.randn(n, hidden_dim, generator=gen, **real) / math.sqrt(2 * hidden_dim))
+        self.C_re = nn.Parameter(torch.randn(hidden_dim, n, generator=gen, **real) / math.sqrt(n))
+        self.C_im = nn.Parameter(torch.randn(hidden_dim, n, generator=gen, **real) / math.sqrt(n))
+        self.D = nn.Parameter(torch.randn(hidden_dim, generator=gen, **real))
+        self.to(device)
+
+    def discretised(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Lambda_bar (N,), B_bar (N, H)), complex: the zero-order hold of the continuous system."""
+        lam = torch.complex(-torch.exp(self.log_decay), self.freq)
+        lam_bar = torch.exp(lam * torch.exp(self.log_dt))
+        b = torch.complex(self.B_re, self.B_im)
+        return lam_bar, ((lam_bar - 1) / lam)[:, None] * b
+
+    def init_hidden(self, batch: int) -> torch.Tensor:
+        return torch.zeros(batch, self.state_size, dtype=self.D.dtype.to_complex(), device=self.D.device)
+
+    def _readout(self, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        c = torch.complex(self.C_re, self.C_im)
+        y = (h @ c.transpose(0, 1)).real + self.D * u
+        return self.decoder(torch.nn.functional.gelu(y))
+
+    def step(self, x: torch.Tensor, hidden_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step: (output (B, output_dim), new state (B, N))."""
+        u = self.encoder(x.to(self.D.dtype))
+        h = self.init_hidden(x.shape[0]) if hidden_state is None else hidden_state
+        lam_bar, b_bar = self.discretised()
+        h = lam_bar * h + u.to(b_bar.dtype) @ b_bar.transpose(0, 1)
+        return self._readout(h, u), h
+
+    def forward_sequence(self, x: torch.Tensor, hidden_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sequence (B, T, state_dim): (outputs (B, T, output_dim), last state (B, N))."""
+        u = self.encoder(x.to(self.D.dtype))
+        h = self.init_hidden(x.shape[0]) if hidden_state is None else hidden_state
+        lam_bar, b_bar = self.discretised()
+        drive = u.to(b_bar.dtype) @ b_bar.transpose(0, 1)  # (B, T, N)
+        states = []
+        for t in range(x.shape[1]):
+            h = lam_bar * h + drive[:, t]
+            states.append(h)
+        return self._readout(torch.stack(states, 1), u), h
+
+    def forward(self, x: torch.Tensor, hidden_state: torch.Tensor | None = None) -> torch.Tensor:
+        if x.ndim == 2:
+            return self.step(x, hidden_state)[0]
+        if x.ndim == 3:
+            return self.forward_sequence(x, hidden_state)[0]
+        raise ValueError(f"SSM input: shape {tuple(x.shape)}; need (batch, {self.state_dim}) or (batch, time, {self.state_dim})")
