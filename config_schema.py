@@ -294,6 +294,39 @@ class BaselineConfig(_Strict):
     lr: float = Field(0.05, gt=0)
 
 
+class ContextConfig(_Strict):
+    """Context-based adaptation (meta/context.py): the policy reads z = encoder(support measurements)."""
+
+    encoder: Literal["mean", "lstm", "ssm", "attention"] = "mean"
+    """mean: permutation-invariant (PEARL-like); lstm; ssm (models.SSM); attention: the pooled task
+    embedding is the query of multi-head attention over the measurement tokens."""
+    fusion: Literal["attention", "gating", "film"] = "attention"
+    """attention encoder only: z = attended tokens; gating: sigmoid gate between the task embedding and
+    the attended tokens; film: gamma(embedding) * attended + beta(embedding)."""
+    probes: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    """Probe pulses, one measurement token each: a constant drive u_x = probe * max_amplitude over the
+    gate (fractions in [0, 1]), measured like the support loss (support.states, support.shots)."""
+    embed_dim: int = Field(16, ge=2, le=512)
+    heads: int = Field(2, ge=1, le=16)
+    """Attention heads (attention encoder); embed_dim must be a multiple."""
+    context_dim: int = Field(4, ge=1, le=64)
+    """Size of z, the policy's input."""
+    inner_steps: int = Field(0, ge=0, le=1000)
+    """Gradient steps on the support loss after the context, in training and in the headline number (0: context only)."""
+    attention_every: int = Field(25, ge=1, le=10**9)
+    """Meta-iterations between attention statistics and heat maps (attention encoder)."""
+
+    @model_validator(mode="after")
+    def _tokens(self) -> ContextConfig:
+        if any(not 0 <= p <= 1 for p in self.probes) or not self.probes:
+            raise ValueError("probes: need at least one drive fraction, each in [0, 1]")
+        if self.encoder == "attention" and len(self.probes) < 2:
+            raise ValueError(f"probes: attention needs at least two tokens (softmax over one is always 1); got {len(self.probes)}")
+        if self.encoder == "attention" and self.embed_dim % self.heads:
+            raise ValueError(f"heads: embed_dim {self.embed_dim} is not a multiple of {self.heads} heads")
+        return self
+
+
 class MetaConfig(_Strict):
     target_gate: Literal["identity", "x", "y", "h", "sqrt_x"] = "x"
     fidelity: Literal["average", "state_transfer"] = "average"
@@ -317,6 +350,14 @@ class MetaConfig(_Strict):
     support: SupportConfig = SupportConfig()
     eval: MetaEvalConfig = MetaEvalConfig()
     baselines: BaselineConfig = BaselineConfig()
+    context: ContextConfig | None = None
+    """Context-based adaptation (meta/context.py) instead of gradient steps from a task-blind start; unset: off."""
+
+    @model_validator(mode="after")
+    def _context_input(self) -> MetaConfig:
+        if self.context is not None and self.task_input != "none":
+            raise ValueError("field 'task_input': with a context encoder the policy reads z, not the task's features; set task_input: none")
+        return self
 
     @property
     def fine_steps(self) -> int:

@@ -31,6 +31,15 @@ class QubitMetaExperiment(ExperimentConfig):
             raise ValueError("field 'model.observables': qubit_meta reads out <Z_i> and <Z_i Z_i+1>; leave it 'auto'")
         return self
 
+    @model_validator(mode="after")
+    def _context_combinations(self) -> QubitMetaExperiment:
+        if self.meta.context is not None and (self.algorithm == "reptile" or self.gradient_is_estimated):
+            raise ValueError(
+                "field 'meta.context': the encoder trains by autograd through the query loss; "
+                "allowed: algorithm maml or fomaml with gradient backprop, adjoint or parameter-shift"
+            )
+        return self
+
     @property
     def total_steps(self) -> int:
         return self.meta.iterations
