@@ -275,7 +275,7 @@ class Adapter:
         value = float("nan")
         for _ in range(self.cfg.max_steps_per_call):
             loss = self.objective(loss_fn, batch_dict)
-            value = float(loss)
+            value = float(loss.detach())
             if not math.isfinite(value):
                 raise NonFiniteError(f"Adapter: non-finite adaptation loss {value} at step {self.steps}")
             self.optimizer.zero_grad()
