@@ -116,7 +116,7 @@ def scaled_distribution(dist: TaskDistribution, s: float) -> TaskDistribution:
     return TaskDistribution(dist.dist_type, ranges, dist.model_types, dist.model_probs)
 
 
-def test_sets(exp: ExperimentConfig, seed: int) -> dict[str, QubitTasks]:
+def heldout_sets(exp: ExperimentConfig, seed: int) -> dict[str, QubitTasks]:
     factory = task_factory(exp)
     rng = np.random.default_rng(seed + TEST_SEED_OFFSET)
     n = exp.meta.eval.n_tasks
@@ -216,7 +216,7 @@ def run(out: Path, iterations: int, seed: int, dists: list[str], methods: list[s
             t0 = time.monotonic()
             result = train_meta(exp, seed, NullReporter())
             train_s = time.monotonic() - t0
-            sets = test_sets(exp, seed)
+            sets = heldout_sets(exp, seed)
             rows = evaluate_result(result, sets, seed, baselines=(method == "maml"))
             report["results"][f"{dist}/{method}"] = {
                 "train_s": train_s, "context_shots": context_shots(exp), "shots_per_step": shots_per_step(exp), "sets": rows}
