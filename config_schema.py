@@ -306,6 +306,9 @@ class ContextConfig(_Strict):
     probes: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     """Probe pulses, one measurement token each: a constant drive u_x = probe * max_amplitude over the
     gate (fractions in [0, 1]), measured like the support loss (support.states, support.shots)."""
+    ramsey: bool = True
+    """Add a Ramsey token (|+> idle over the gate, read out in the y basis): the sign of the detuning,
+    which no fidelity of an x drive shows."""
     embed_dim: int = Field(16, ge=2, le=512)
     heads: int = Field(2, ge=1, le=16)
     """Attention heads (attention encoder); embed_dim must be a multiple."""
@@ -320,8 +323,9 @@ class ContextConfig(_Strict):
     def _tokens(self) -> ContextConfig:
         if any(not 0 <= p <= 1 for p in self.probes) or not self.probes:
             raise ValueError("probes: need at least one drive fraction, each in [0, 1]")
-        if self.encoder == "attention" and len(self.probes) < 2:
-            raise ValueError(f"probes: attention needs at least two tokens (softmax over one is always 1); got {len(self.probes)}")
+        if self.encoder == "attention" and len(self.probes) + self.ramsey < 2:
+            raise ValueError(f"probes: attention needs at least two tokens (softmax over one is always 1); "
+                             f"got {len(self.probes) + self.ramsey} (probes {len(self.probes)}, ramsey {self.ramsey})")
         if self.encoder == "attention" and self.embed_dim % self.heads:
             raise ValueError(f"heads: embed_dim {self.embed_dim} is not a multiple of {self.heads} heads")
         return self

@@ -16,8 +16,8 @@ held-out PSD model (Lorentzian, for the 1/f-trained policies). Each method after
 support-loss gradient steps; the robust pulse; the per-task optimum (exact, Adam on the true
 fidelity: the upper bound).
 
-**Shots per task** (the cost axis): the context costs ``len(probes) x states x shots`` (5 x 2 x 256
-= 2,560); a gradient step on the N-segment pulse costs ``2 x 2N x states x shots`` (central
+**Shots per task** (the cost axis): the context costs ``(len(probes) + 1) x states x shots`` (5
+probes and the Ramsey token, x 2 x 256 = 3,072); a gradient step on the N-segment pulse costs ``2 x 2N x states x shots`` (central
 differences on the 2N amplitudes, the least a black-box experiment needs for a gradient: 20,480),
 although the simulation differentiates the shot-noisy support loss by autograd; the robust pulse
 costs nothing, the per-task optimum is exact (not a measurement).
@@ -45,7 +45,7 @@ from torch import nn
 from config_schema import ExperimentConfig, load_config
 from meta.adaptation import AdaptationConfig, Adapter
 from meta.algorithms import Losses, TaskGradients
-from meta.context import ProbeMeasurements, with_context
+from meta.context import context_shots_per_task, measure_tokens, with_context
 from meta.tasks import QubitTasks
 from meta.train import MetaResult, evaluate, model_diagnostics, task_factory, train_meta
 from noise.psd import TaskDistribution
@@ -103,7 +103,7 @@ def shots_per_step(exp: ExperimentConfig) -> int:
 
 def context_shots(exp: ExperimentConfig) -> int:
     ctx = exp.meta.context
-    return 0 if ctx is None else len(ctx.probes) * exp.meta.support.states * exp.meta.support.shots
+    return 0 if ctx is None else context_shots_per_task(ctx, exp.meta.support.states, exp.meta.support.shots)
 
 
 def scaled_distribution(dist: TaskDistribution, s: float) -> TaskDistribution:
@@ -136,8 +136,8 @@ def policy_tasks(result: MetaResult, tasks: QubitTasks, seed: int) -> QubitTasks
     if ctx is None:
         return tasks
     gen = torch.Generator().manual_seed(seed + TEST_SEED_OFFSET)
-    tokens = ProbeMeasurements.measure(tasks, ctx.probes, exp.meta.n_segments, exp.meta.max_amplitude).tokens(
-        exp.meta.support.states, exp.meta.support.shots, gen)
+    tokens = measure_tokens(tasks, ctx, exp.meta.n_segments, exp.meta.max_amplitude, exp.meta.support.states,
+                            exp.meta.support.shots, gen)
     with torch.no_grad():
         return with_context(tasks, result.context.encoder(tokens))
 

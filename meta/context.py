@@ -10,8 +10,13 @@ is (``support.states`` random Pauli eigenstates, ``support.shots`` shots each, a
 probe's noise-free unitary ``exp(-i f_j max_amplitude sx / 2)``). A driven qubit's dephasing
 filter function peaks near its Rabi frequency (spin-locking noise spectroscopy), so the probes
 sample the noise spectrum at different frequencies; the undriven probe also sees the detuning.
-Token j = (f_j, 10 (1 - F_j)), F_j the measured fidelity. Shots spent per task for the context:
-``len(probes) * states * shots``.
+Token j = (f_j, 10 (1 - F_j)), F_j the measured fidelity. An average gate fidelity of a drive
+about x is even in the detuning delta (the reflection z -> -z commutes with it), so these tokens
+cannot tell the detuning's sign, which the best pulse needs. ``meta.context.ramsey`` (default on)
+adds a Ramsey token: |+> evolves freely over the gate time and is measured in the y basis
+(``states * shots`` shots); P(+i) = (1 + sin(delta T) e^{-decay}) / 2 is odd in delta; the token
+is (-1, 2 P(+i) - 1). Shots spent per task for the context:
+``(len(probes) + ramsey) * states * shots``.
 
 **Encoders** (tokens (B, L, 2) -> task embedding (B, E) -> z = tanh(W e) (B, context_dim)):
 
@@ -82,6 +87,12 @@ def probe_unitaries(probes: list[float], max_amplitude: float) -> torch.Tensor:
     return torch.stack([torch.stack([c, -1j * s], -1), torch.stack([-1j * s, c], -1)], -2)
 
 
+#: Maps |+> to |+i>: the probability of the outcome ``RAMSEY_TARGET |+>`` is P(+i), a y-basis readout.
+RAMSEY_TARGET = torch.tensor([[1 - 1j, 0], [0, 1 + 1j]], dtype=torch.complex128) / math.sqrt(2)
+#: First token feature of the Ramsey token (drive fractions are in [0, 1]).
+RAMSEY_MARKER = -1.0
+
+
 @dataclass
 class ProbeMeasurements:
     """Exact outcome probabilities of every (task, probe, Pauli eigenstate), from which shots are drawn."""
@@ -89,21 +100,30 @@ class ProbeMeasurements:
     probes: list[float]
     probabilities: torch.Tensor
     """(B, L, 6): probability of the outcome ``U_j psi`` for input ``psi``, on the CPU."""
+    ramsey: torch.Tensor | None = None
+    """(B,): P(+i) after free evolution of |+> over the gate; None without the Ramsey token."""
 
     @classmethod
-    def measure(cls, tasks: QubitTasks, probes: list[float], n_segments: int, max_amplitude: float) -> ProbeMeasurements:
+    def measure(cls, tasks: QubitTasks, probes: list[float], n_segments: int, max_amplitude: float,
+                ramsey: bool = False) -> ProbeMeasurements:
         targets = probe_unitaries(probes, max_amplitude)
         rows = []
+        ramsey_p = None
         with torch.no_grad():
             for f, target in zip(probes, targets):
                 controls = torch.zeros(len(tasks), n_segments, 2, dtype=torch.float64)
                 controls[:, :, 0] = f * max_amplitude
                 channel = tasks.channel(controls)
                 rows.append(state_fidelities(channel, pauli_eigenstates(), target.to(channel.device)).clamp(0, 1).cpu())
-        return cls(list(probes), torch.stack(rows, 1))
+            if ramsey:
+                channel = tasks.channel(torch.zeros(len(tasks), n_segments, 2, dtype=torch.float64))
+                plus = pauli_eigenstates()[2:3]
+                ramsey_p = state_fidelities(channel, plus, RAMSEY_TARGET.to(channel.device))[:, 0].clamp(0, 1).cpu()
+        return cls(list(probes), torch.stack(rows, 1), ramsey_p)
 
     def select(self, index) -> ProbeMeasurements:
-        return replace(self, probabilities=self.probabilities[torch.as_tensor(index, dtype=torch.long)])
+        index = torch.as_tensor(index, dtype=torch.long)
+        return replace(self, probabilities=self.probabilities[index], ramsey=None if self.ramsey is None else self.ramsey[index])
 
     def fidelities(self, states: int, shots: int, generator: torch.Generator) -> torch.Tensor:
         """Measured fidelities (B, L): ``states`` random Pauli eigenstates per (task, probe),
@@ -117,14 +137,34 @@ class ProbeMeasurements:
         return (counts / shots).mean(-1)
 
     def tokens(self, states: int, shots: int, generator: torch.Generator) -> torch.Tensor:
-        """(B, L, 2): (drive fraction, INFIDELITY_SCALE * measured infidelity) per probe."""
+        """(B, L, 2): (drive fraction, INFIDELITY_SCALE * measured infidelity) per probe, then the
+        Ramsey token (RAMSEY_MARKER, 2 P(+i) - 1) from ``states * shots`` shots when measured."""
         infidelity = 1 - self.fidelities(states, shots, generator)
         drive = torch.tensor(self.probes, dtype=torch.float64).expand_as(infidelity)
-        return torch.stack([drive, INFIDELITY_SCALE * infidelity], -1)
+        tokens = torch.stack([drive, INFIDELITY_SCALE * infidelity], -1)
+        if self.ramsey is None:
+            return tokens
+        p = self.ramsey
+        if shots > 0:
+            n = float(states * shots)
+            p = torch.binomial(torch.full_like(p, n), p, generator=generator) / n
+        ramsey = torch.stack([torch.full_like(p, RAMSEY_MARKER), 2 * p - 1], -1)
+        return torch.cat([tokens, ramsey[:, None]], 1)
+
+
+def n_tokens(ctx: ContextConfig) -> int:
+    return len(ctx.probes) + int(ctx.ramsey)
 
 
 def context_shots_per_task(ctx: ContextConfig, states: int, shots: int) -> int:
-    return len(ctx.probes) * states * shots
+    return n_tokens(ctx) * states * shots
+
+
+def measure_tokens(tasks: QubitTasks, ctx: ContextConfig, n_segments: int, max_amplitude: float, states: int, shots: int,
+                   generator: torch.Generator) -> torch.Tensor:
+    """The context's measurement tokens (B, n_tokens, 2) for ``tasks``."""
+    probes = ProbeMeasurements.measure(tasks, ctx.probes, n_segments, max_amplitude, ramsey=ctx.ramsey)
+    return probes.tokens(states, shots, generator)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,12 +306,15 @@ def train_context(exp: ExperimentConfig, seed: int, reporter) -> ContextResult:
     reporter.tags({"device": device, "simulation": meta.noise.simulation, "context_encoder": ctx.encoder})
     factory = task_factory(exp, device=device)
     policy = build_pulse_policy(exp, ctx.context_dim)
-    encoder = ContextEncoder(ctx, len(ctx.probes), seed)
+    encoder = ContextEncoder(ctx, n_tokens(ctx), seed)
     losses = Losses(policy, torch.Generator().manual_seed(seed + 1))
     grads = TaskGradients(exp.gradient, torch.Generator().manual_seed(seed + 2))
     token_gen = torch.Generator().manual_seed(seed + TOKEN_SEED_OFFSET)
     states, shots = meta.support.states, meta.support.shots
-    measure = lambda tasks: ProbeMeasurements.measure(tasks, ctx.probes, meta.n_segments, meta.max_amplitude)  # noqa: E731
+
+    def measure(tasks: QubitTasks, generator: torch.Generator) -> torch.Tensor:
+        return measure_tokens(tasks, ctx, meta.n_segments, meta.max_amplitude, states, shots, generator)
+
 
     train_rng = np.random.default_rng(seed)
     val_rng = np.random.default_rng(seed + VALIDATION_SEED_OFFSET)
@@ -279,8 +322,8 @@ def train_context(exp: ExperimentConfig, seed: int, reporter) -> ContextResult:
     heldout_tasks = {m: factory.make(meta.noise.distribution([m]).sample(meta.eval.n_tasks, val_rng), val_rng.spawn(1)[0])
                      for m in (meta.eval.model_types or [])}
     val_gen = torch.Generator().manual_seed(seed + VALIDATION_TOKEN_SEED_OFFSET)
-    val_tokens = measure(val_tasks).tokens(states, shots, val_gen)
-    heldout_tokens = {m: measure(t).tokens(states, shots, val_gen) for m, t in heldout_tasks.items()}
+    val_tokens = measure(val_tasks, val_gen)
+    heldout_tokens = {m: measure(t, val_gen) for m, t in heldout_tasks.items()}
     shots_per_task = context_shots_per_task(ctx, states, shots)
     n_encoder = sum(p.numel() for p in encoder.parameters())
     reporter.tags({"n_params": str(policy.n_params), "n_encoder_params": str(n_encoder),
@@ -310,7 +353,7 @@ def train_context(exp: ExperimentConfig, seed: int, reporter) -> ContextResult:
     for it in range(1, meta.iterations + 1):
         evals_before = policy.circuit_evals
         tasks = factory.sample(meta.meta_batch_size, train_rng)
-        z = encoder(measure(tasks).tokens(states, shots, token_gen))
+        z = encoder(measure(tasks, token_gen))
         ctx_tasks = with_context(tasks, z)
         start_params = theta.expand(len(tasks), -1)
         if k == 0:

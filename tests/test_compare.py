@@ -37,7 +37,7 @@ def test_scaled_distribution_multiplies_strength_and_detuning_only():
 def test_shot_accounting():
     maml, ctx = experiment_for("single", "maml", 1, 0), experiment_for("single", "context_mean", 1, 0)
     assert shots_per_step(maml) == 2 * 2 * 10 * 2 * 256 == 20480
-    assert context_shots(maml) == 0 and context_shots(ctx) == 5 * 2 * 256
+    assert context_shots(maml) == 0 and context_shots(ctx) == (5 + 1) * 2 * 256  # probes and the Ramsey token
 
 
 def test_adapter_on_a_pulse_policy_starts_at_the_unadapted_fidelity_and_keeps_its_trust_region():
@@ -57,5 +57,5 @@ def test_tiny_comparison_writes_table_json_and_figure(tmp_path):
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert set(saved["results"]) == {"single/maml", "single/context_mean"} == set(report["results"])
     table = (tmp_path / "compare.md").read_text()
-    assert "| context_mean, k=0 [2,560] |" in table and "| maml, k=5 [102,400] |" in table and "per-task optimum" in table
+    assert "| context_mean, k=0 [3,072] |" in table and "| maml, k=5 [102,400] |" in table and "per-task optimum" in table
     assert (tmp_path / "fidelity_vs_shots.png").stat().st_size > 10_000

@@ -4,6 +4,7 @@ by hand, bad configs as one line, learning, every backend, and the run under run
 attention heat maps."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from meta.context import (
     ContextEncoder,
     ProbeMeasurements,
     attention_statistics,
+    measure_tokens,
     normalised_entropy,
     probe_unitaries,
 )
@@ -67,6 +69,22 @@ def test_idle_probe_under_pure_dephasing_matches_the_analytic_fidelity():
     tokens = ProbeMeasurements.measure(tasks, [0.0, 1.0], 4, exp.meta.max_amplitude).tokens(6, 0, torch.Generator())
     want = 1 - (2 + torch.exp(-tasks.gamma_phi)) / 3
     torch.testing.assert_close(tokens[:, 0, 1], INFIDELITY_SCALE * want, rtol=1e-9, atol=1e-12)
+
+
+def test_ramsey_token_reads_the_sign_of_the_detuning():
+    """|+> idle under detuning delta and Lindblad dephasing gamma (no relaxation): <sigma_y> = sin(delta T) e^{-gamma T}."""
+    exp = _exp(noise={"simulation": "markovian", "transverse_coupling": 0.0,
+                      "ranges": {"alpha": [0.5, 2.0], "gamma_phi": [0.01, 0.3], "omega_c": [0.1, 10.0], "detuning": [-1.0, 1.0]}})
+    tasks = task_factory(exp).sample(6, np.random.default_rng(3))
+    ctx = ContextConfig(probes=[0.0])
+    tokens = measure_tokens(tasks, ctx, 4, exp.meta.max_amplitude, 2, 0, torch.Generator())
+    assert tokens.shape == (6, 2, 2) and (tokens[:, 1, 0] == -1).all()
+    want = torch.sin(tasks.detuning) * torch.exp(-tasks.gamma_phi)
+    torch.testing.assert_close(tokens[:, 1, 1], want, rtol=1e-9, atol=1e-12)
+    assert (torch.sign(tokens[:, 1, 1]) == torch.sign(tasks.detuning)).all()
+    # the fidelity tokens are even in the detuning: flipping its sign changes nothing
+    flipped = replace(tasks, noise=replace(tasks.noise, detuning=-tasks.detuning))
+    torch.testing.assert_close(measure_tokens(flipped, ctx, 4, exp.meta.max_amplitude, 2, 0, torch.Generator())[:, 0], tokens[:, 0])
 
 
 def test_measured_tokens_are_unbiased_with_binomial_spread():
@@ -125,7 +143,7 @@ def test_normalised_entropy_and_statistics_by_hand():
 
 
 @pytest.mark.parametrize("meta,needle", [
-    ({"context": {"encoder": "attention", "probes": [0.5]}}, "'meta.context': probes: attention needs at least two tokens"),
+    ({"context": {"encoder": "attention", "probes": [0.5], "ramsey": False}}, "'meta.context': probes: attention needs at least two tokens"),
     ({"context": {"encoder": "attention", "fusion": "bilinear"}}, "meta.context.fusion"),
     ({"context": {"encoder": "transformer"}}, "meta.context.encoder"),
     ({"context": {"encoder": "attention", "embed_dim": 10, "heads": 4}}, "'meta.context': heads: embed_dim 10 is not a multiple of 4"),
@@ -154,7 +172,7 @@ def test_context_training_learns_and_is_deterministic():
     (it0, pre0, _), (_, pre_last, _) = first.validation[0], first.validation[-1]
     assert it0 == 10 and pre_last > pre0 + 0.01, first.validation
     m = first.final_metrics()
-    assert m["final/context_shots_per_task"] == len(PROBES) * 2 * 256
+    assert m["final/context_shots_per_task"] == (len(PROBES) + 1) * 2 * 256  # the probes and the Ramsey token
     assert "encoder.head.weight" in first.state_dict()
 
 
