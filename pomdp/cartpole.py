@@ -71,7 +71,8 @@ def _extractor_base():
 class WindowBody(_extractor_base()):
     """A window of frames (B, window, d) -> features (B, hidden) by an MLP, a GRU or an SSM."""
 
-    def __init__(self, observation_space: gym.spaces.Box, kind: str = "mlp", hidden: int = 64):
+    def __init__(self, observation_space: gym.spaces.Box, kind: str = "mlp", hidden: int = 64, ssm_state: int | None = None,
+                 ssm_dt: tuple[float, float] = (0.1, 1.0)):
         super().__init__(observation_space, features_dim=hidden)
         if kind not in BODIES:
             raise ValueError(f"body {kind!r}; allowed: {', '.join(BODIES)}")
@@ -82,7 +83,7 @@ class WindowBody(_extractor_base()):
         elif kind == "gru":
             self.net = nn.GRU(d, hidden, batch_first=True)
         else:
-            self.net = SSM(d, hidden_dim=hidden, output_dim=hidden, state_size=hidden // 2, dt_min=0.1, dt_max=1.0)
+            self.net = SSM(d, hidden_dim=hidden, output_dim=hidden, state_size=ssm_state or hidden // 2, dt_min=ssm_dt[0], dt_max=ssm_dt[1])
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
         if self.kind == "mlp":
@@ -92,7 +93,7 @@ class WindowBody(_extractor_base()):
         return torch.tanh(self.net(observations)[:, -1])
 
 
-def ppo(body: str, window: int, seed: int, hidden: int = 64):
+def ppo(body: str, window: int, seed: int, hidden: int = 64, **body_kwargs):
     """PPO with the rl-baselines3-zoo CartPole-v1 hyperparameters and the given body."""
     from stable_baselines3 import PPO
     from stable_baselines3.common.env_util import make_vec_env
@@ -104,15 +105,15 @@ def ppo(body: str, window: int, seed: int, hidden: int = 64):
 
     return PPO("MlpPolicy", env, n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98, n_epochs=20, ent_coef=0.0,
                learning_rate=linear(1e-3), clip_range=linear(0.2), seed=seed, device="cpu",
-               policy_kwargs={"features_extractor_class": WindowBody, "features_extractor_kwargs": {"kind": body, "hidden": hidden},
+               policy_kwargs={"features_extractor_class": WindowBody, "features_extractor_kwargs": {"kind": body, "hidden": hidden, **body_kwargs},
                               "net_arch": [64]})
 
 
-def train_and_evaluate(body: str, window: int, seed: int, steps: int, eval_episodes: int = 20) -> dict:
+def train_and_evaluate(body: str, window: int, seed: int, steps: int, eval_episodes: int = 20, **body_kwargs) -> dict:
     from stable_baselines3.common.evaluation import evaluate_policy
 
     torch.set_num_threads(1)
-    model = ppo(body, window, seed)
+    model = ppo(body, window, seed, **body_kwargs)
     t0 = time.monotonic()
     model.learn(total_timesteps=steps)
     train_s = time.monotonic() - t0
@@ -121,7 +122,8 @@ def train_and_evaluate(body: str, window: int, seed: int, steps: int, eval_episo
     mean, std = evaluate_policy(model, eval_env, n_eval_episodes=eval_episodes, deterministic=True)
     recent = [info["r"] for info in list(model.ep_info_buffer)[-20:]]
     n_body = sum(p.numel() for p in model.policy.features_extractor.parameters())
-    return {"body": body, "seed": seed, "window": window, "steps": steps, "eval_return": float(mean), "eval_std": float(std),
+    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in body_kwargs.items()}
+    return {"body": body, **settings, "seed": seed, "window": window, "steps": steps, "eval_return": float(mean), "eval_std": float(std),
             "train_return_last20": float(np.mean(recent)) if recent else float("nan"), "train_s": train_s, "body_params": n_body,
             "policy_params": sum(p.numel() for p in model.policy.parameters())}
 
@@ -147,12 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--window", type=int, default=4)
     parser.add_argument("--bodies", nargs="+", default=list(BODIES), choices=BODIES)
+    parser.add_argument("--ssm-state", type=int, default=None, help="SSM state size (default hidden / 2)")
+    parser.add_argument("--ssm-dt", type=float, nargs=2, default=(0.1, 1.0), help="SSM initial step range (dt_min dt_max)")
     args = parser.parse_args(argv)
+    body_kwargs = {"ssm_state": args.ssm_state, "ssm_dt": tuple(args.ssm_dt)}
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for seed in args.seeds:
         for body in args.bodies:
-            rows.append(train_and_evaluate(body, args.window, seed, args.steps))
+            rows.append(train_and_evaluate(body, args.window, seed, args.steps, **(body_kwargs if body == "ssm" else {})))
             r = rows[-1]
             print(f"{body} seed {seed}: eval {r['eval_return']:.1f}, last 20 training episodes {r['train_return_last20']:.1f}, "
                   f"{r['train_s']:.0f} s", flush=True)
