@@ -297,6 +297,10 @@ def figure(report: dict):
                 if "robust" in r["sets"][name]:
                     ax.axhline(r["sets"][name]["robust"], color="grey", ls="--", lw=1, label="robust pulse")
                     ax.axhline(r["sets"][name]["optimum"], color="black", ls=":", lw=1, label="per-task optimum")
+            if not ax.lines:  # this test set is not held out for this distribution
+                ax.set_axis_off()
+                ax.text(0.5, 0.5, f"{dist}: {name}\nnot held out here", ha="center", va="center", transform=ax.transAxes)
+                continue
             ax.set_xscale("log")
             ax.set(title=f"{dist}: {name}", xlabel="shots per task (0 plotted at 100)", ylabel="held-out fidelity")
             ax.tick_params(labelsize=7)
