@@ -50,9 +50,11 @@ from meta.tasks import QubitTasks
 from meta.train import MetaResult, evaluate, model_diagnostics, task_factory, train_meta
 from noise.psd import TaskDistribution
 from train import NullReporter
+from utils import seed_streams
 
-#: Seed offset of the comparison's held-out tasks (the same for every method).
-TEST_SEED_OFFSET = 7_000_003
+#: The comparison's own random streams (utils.seed_streams): its held-out tasks (the same for every
+#: method), their context tokens, the shots of the support loss at evaluation and of the Adapter.
+COMPARE_STREAMS = ("compare_tasks", "compare_tokens", "compare_shots", "compare_gradient", "compare_adapter")
 K_VALUES = [0, 1, 2, 5, 10]
 NOISE_SCALES = (3.0, 10.0)
 ADAPTER_CALLS = 10
@@ -118,7 +120,7 @@ def scaled_distribution(dist: TaskDistribution, s: float) -> TaskDistribution:
 
 def heldout_sets(exp: ExperimentConfig, seed: int) -> dict[str, QubitTasks]:
     factory = task_factory(exp)
-    rng = np.random.default_rng(seed + TEST_SEED_OFFSET)
+    rng = seed_streams(seed, COMPARE_STREAMS)["compare_tasks"].numpy()
     n = exp.meta.eval.n_tasks
     dist = exp.meta.noise.distribution()
     out = {"in_distribution": factory.make(dist.sample(n, rng), rng.spawn(1)[0])}
@@ -135,7 +137,7 @@ def policy_tasks(result: MetaResult, tasks: QubitTasks, seed: int) -> QubitTasks
     ctx = exp.meta.context
     if ctx is None:
         return tasks
-    gen = torch.Generator().manual_seed(seed + TEST_SEED_OFFSET)
+    gen = seed_streams(seed, COMPARE_STREAMS)["compare_tokens"].torch()
     tokens = measure_tokens(tasks, ctx, exp.meta.n_segments, exp.meta.max_amplitude, exp.meta.support.states,
                             exp.meta.support.shots, gen)
     with torch.no_grad():
@@ -144,8 +146,9 @@ def policy_tasks(result: MetaResult, tasks: QubitTasks, seed: int) -> QubitTasks
 
 def evaluate_result(result: MetaResult, sets: dict[str, QubitTasks], seed: int, baselines: bool) -> dict[str, dict]:
     exp = result.exp
-    losses = Losses(result.policy, torch.Generator().manual_seed(seed + 11))
-    grads = TaskGradients("backprop", torch.Generator().manual_seed(seed + 12))
+    streams = seed_streams(seed, COMPARE_STREAMS)
+    losses = Losses(result.policy, streams["compare_shots"].torch())
+    grads = TaskGradients("backprop", streams["compare_gradient"].torch())
     out = {}
     for name, tasks in sets.items():
         common = {}
@@ -180,7 +183,7 @@ def adapter_curve(result: MetaResult, tasks: QubitTasks, eps: float, seed: int) 
     """Adapter task by task from the meta-learned start: fidelity after each call, of the EMA at the end,
     and wall seconds per call."""
     exp = result.exp
-    gen = torch.Generator().manual_seed(seed + 13)
+    gen = seed_streams(seed, COMPARE_STREAMS)["compare_adapter"].torch()
     cfg = AdaptationConfig(lr=exp.meta.inner_lr, grad_clip_norm=1.0, trust_region_eps=eps, ema_decay=0.8,
                            entropy_weight=0.0, max_steps_per_call=1)
     fidelity = np.zeros((ADAPTER_CALLS + 1, len(tasks)))

@@ -55,7 +55,7 @@ from meta.policies import build_pulse_policy
 from meta.tasks import QubitTasks
 from meta.train import (
     FF_VALIDITY_WARN_FRACTION,
-    VALIDATION_SEED_OFFSET,
+    SEED_STREAMS,
     MetaResult,
     crosscheck,
     evaluate,
@@ -66,13 +66,14 @@ from meta.train import (
 from models import SSM
 from noise.models import FF_VALIDITY
 from noise.simulator import pauli_eigenstates, state_fidelities
-from utils import NonFiniteError, seed_everything
+from utils import NonFiniteError, seed_everything, seed_streams
 
 #: Token feature scale of the measured infidelity (infidelities are about 1e-3 to 0.2).
 INFIDELITY_SCALE = 10.0
 TOKEN_DIM = 2
-#: Seed offsets of the measurement shots of the training and the held-out tasks.
-TOKEN_SEED_OFFSET, VALIDATION_TOKEN_SEED_OFFSET = 4, 5
+#: A context run's random streams: those of meta/train.py (so the training and held-out tasks are
+#: the same as a gradient-only run's of the same seed) and the measurement shots of the context tokens.
+CONTEXT_STREAMS = (*SEED_STREAMS, "tokens", "validation_tokens", "encoder_init")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,26 +303,27 @@ def train_context(exp: ExperimentConfig, seed: int, reporter) -> ContextResult:
     meta, ctx = exp.meta, exp.meta.context
     assert ctx is not None
     seed_everything(seed)
+    streams = seed_streams(seed, CONTEXT_STREAMS)
     device = simulation_device(exp)
     reporter.tags({"device": device, "simulation": meta.noise.simulation, "context_encoder": ctx.encoder})
     factory = task_factory(exp, device=device)
     policy = build_pulse_policy(exp, ctx.context_dim)
-    encoder = ContextEncoder(ctx, n_tokens(ctx), seed)
-    losses = Losses(policy, torch.Generator().manual_seed(seed + 1))
-    grads = TaskGradients(exp.gradient, torch.Generator().manual_seed(seed + 2))
-    token_gen = torch.Generator().manual_seed(seed + TOKEN_SEED_OFFSET)
+    encoder = ContextEncoder(ctx, n_tokens(ctx), streams["encoder_init"].int())
+    losses = Losses(policy, streams["shots"].torch())
+    grads = TaskGradients(exp.gradient, streams["gradient"].torch())
+    token_gen = streams["tokens"].torch()
     states, shots = meta.support.states, meta.support.shots
 
     def measure(tasks: QubitTasks, generator: torch.Generator) -> torch.Tensor:
         return measure_tokens(tasks, ctx, meta.n_segments, meta.max_amplitude, states, shots, generator)
 
 
-    train_rng = np.random.default_rng(seed)
-    val_rng = np.random.default_rng(seed + VALIDATION_SEED_OFFSET)
+    train_rng = streams["train_tasks"].numpy()
+    val_rng = streams["validation"].numpy()
     val_tasks = factory.sample(meta.eval.n_tasks, val_rng)
     heldout_tasks = {m: factory.make(meta.noise.distribution([m]).sample(meta.eval.n_tasks, val_rng), val_rng.spawn(1)[0])
                      for m in (meta.eval.model_types or [])}
-    val_gen = torch.Generator().manual_seed(seed + VALIDATION_TOKEN_SEED_OFFSET)
+    val_gen = streams["validation_tokens"].torch()
     val_tokens = measure(val_tasks, val_gen)
     heldout_tokens = {m: measure(t, val_gen) for m, t in heldout_tasks.items()}
     shots_per_task = context_shots_per_task(ctx, states, shots)
@@ -334,7 +336,7 @@ def train_context(exp: ExperimentConfig, seed: int, reporter) -> ContextResult:
     if meta.baselines.robust_steps > 0:
         robust = robust_pulse(lambda n: factory.sample(n, train_rng), meta.n_segments, meta.max_amplitude,
                               meta.baselines.robust_steps, meta.baselines.robust_batch, meta.baselines.lr,
-                              torch.Generator().manual_seed(seed + 3))
+                              streams["robust"].torch())
     baselines_s = time.monotonic() - t0
 
     theta = nn.Parameter(policy.init_params(seed))
@@ -343,7 +345,7 @@ def train_context(exp: ExperimentConfig, seed: int, reporter) -> ContextResult:
     k = ctx.inner_steps
     run = ContextRun(encoder, shots_per_task)
     train_loss, validation = [], []
-    grad_circuit_evals = 0
+    grad_circuit_evals = eval_circuit_evals = loss_evaluations = 0
 
     def contexts(tokens: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -351,7 +353,7 @@ def train_context(exp: ExperimentConfig, seed: int, reporter) -> ContextResult:
 
     start = time.monotonic()
     for it in range(1, meta.iterations + 1):
-        evals_before = policy.circuit_evals
+        evals_before, loss_evals_before = policy.circuit_evals, grads.loss_evaluations
         tasks = factory.sample(meta.meta_batch_size, train_rng)
         z = encoder(measure(tasks, token_gen))
         ctx_tasks = with_context(tasks, z)
@@ -372,12 +374,15 @@ def train_context(exp: ExperimentConfig, seed: int, reporter) -> ContextResult:
             raise NonFiniteError(f"non-finite gradient at iteration {it}")
         optimizer.step()
         train_loss.append(float(query.detach()))
+        loss_evaluations += grads.loss_evaluations - loss_evals_before + len(tasks)  # the inner steps' and the query's
         metrics = {"meta/train_loss": train_loss[-1], "grad/norm": norm}
+        grad_circuit_evals += policy.circuit_evals - evals_before  # every circuit of an iteration serves the gradient
         if exp.backend != "classical":
             metrics["grad/circuit_evals"] = policy.circuit_evals - evals_before
-            grad_circuit_evals += policy.circuit_evals - evals_before
         if it % meta.eval.every == 0 or it == meta.iterations:
+            eval_before = policy.circuit_evals
             ev = evaluate(losses, grads, theta, with_context(val_tasks, contexts(val_tokens)), sorted({0, k}), meta.inner_lr)
+            eval_circuit_evals += policy.circuit_evals - eval_before
             validation.append((it, ev.mean(0), ev.mean(k)))
             metrics.update({"meta/val_fidelity_pre": ev.mean(0), "meta/val_fidelity_post": ev.mean(k)})
         if encoder.kind == "attention" and (it % ctx.attention_every == 0 or it == meta.iterations):
@@ -391,12 +396,14 @@ def train_context(exp: ExperimentConfig, seed: int, reporter) -> ContextResult:
     wall_s = time.monotonic() - start
 
     t1 = time.monotonic()
+    eval_before = policy.circuit_evals
     k_values = sorted(set(meta.eval.k_values) | {0, k})
     common = dict(robust=robust, optimum_steps=meta.baselines.optimum_steps, optimum_lr=meta.baselines.lr,
                   max_amplitude=meta.max_amplitude)
     final = evaluate(losses, grads, theta, with_context(val_tasks, contexts(val_tokens)), k_values, meta.inner_lr, **common)
     heldout = {m: evaluate(losses, grads, theta, with_context(t, contexts(heldout_tokens[m])), k_values, meta.inner_lr, **common)
                for m, t in heldout_tasks.items()}
+    eval_circuit_evals += policy.circuit_evals - eval_before
     for kk in k_values:
         reporter.metrics({"meta/fidelity_vs_k": final.mean(kk)}, kk)
     variance = factory.distribution.compute_variance(factory.converter, n_samples=2000, seed=seed)
@@ -409,8 +416,8 @@ def train_context(exp: ExperimentConfig, seed: int, reporter) -> ContextResult:
                                   f"above {FF_VALIDITY}; compare final/crosscheck/trajectories/*"})
     checks.update(crosscheck(exp, factory, val_tasks, final_pulses, seed))
     return ContextResult(exp, theta.detach(), robust, policy, train_loss, validation, final, heldout, variance,
-                         grads.loss_evaluations, grad_circuit_evals, wall_s, baselines_s + time.monotonic() - t1, checks,
-                         context=run)
+                         loss_evaluations, grad_circuit_evals, 0, eval_circuit_evals, wall_s, baselines_s + time.monotonic() - t1,
+                         checks, context=run)
 
 
 def heatmap_figures(run: ContextRun, model_types: list[str], title: str) -> dict:
