@@ -110,12 +110,16 @@ def ppo(body: str, window: int, seed: int, hidden: int = 64, **body_kwargs):
 
 
 def train_and_evaluate(body: str, window: int, seed: int, steps: int, eval_episodes: int = 20, **body_kwargs) -> dict:
+    return _train(body, window, seed, steps, eval_episodes, 64, None, **body_kwargs)[1]
+
+
+def _train(body: str, window: int, seed: int, steps: int, eval_episodes: int, hidden: int, callback, **body_kwargs):
     from stable_baselines3.common.evaluation import evaluate_policy
 
     torch.set_num_threads(1)
-    model = ppo(body, window, seed, **body_kwargs)
+    model = ppo(body, window, seed, hidden, **body_kwargs)
     t0 = time.monotonic()
-    model.learn(total_timesteps=steps)
+    model.learn(total_timesteps=steps, callback=callback)
     train_s = time.monotonic() - t0
     eval_env = make_env(window)
     eval_env.reset(seed=seed + 10_000)
@@ -123,9 +127,56 @@ def train_and_evaluate(body: str, window: int, seed: int, steps: int, eval_episo
     recent = [info["r"] for info in list(model.ep_info_buffer)[-20:]]
     n_body = sum(p.numel() for p in model.policy.features_extractor.parameters())
     settings = {k: list(v) if isinstance(v, tuple) else v for k, v in body_kwargs.items()}
-    return {"body": body, **settings, "seed": seed, "window": window, "steps": steps, "eval_return": float(mean), "eval_std": float(std),
-            "train_return_last20": float(np.mean(recent)) if recent else float("nan"), "train_s": train_s, "body_params": n_body,
-            "policy_params": sum(p.numel() for p in model.policy.parameters())}
+    return model, {"body": body, **settings, "seed": seed, "window": window, "steps": steps, "eval_return": float(mean),
+                   "eval_std": float(std), "train_return_last20": float(np.mean(recent)) if recent else float("nan"),
+                   "train_s": train_s, "body_params": n_body, "policy_params": sum(p.numel() for p in model.policy.parameters())}
+
+
+class TaskResult:
+    """What a ``cartpole_pomdp`` run (tasks/cartpole_pomdp.py) hands back to the runner."""
+
+    def __init__(self, model, row: dict):
+        self.model_ppo, self.row = model, row
+
+    @property
+    def final_step(self) -> int:
+        return self.row["steps"]
+
+    def final_metrics(self) -> dict[str, float]:
+        return {"final/eval_return": self.row["eval_return"], "final/eval_std": self.row["eval_std"],
+                "final/train_return_last20": self.row["train_return_last20"], "final/body_params": self.row["body_params"],
+                "final/train_s": self.row["train_s"]}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.model_ppo.policy.state_dict().items()}
+
+    def figures(self, title: str) -> dict:
+        return {}
+
+
+def _progress_callback(reporter, total: int, every: int):
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class Progress(BaseCallback):
+        def _on_step(self) -> bool:
+            if self.num_timesteps % every < self.training_env.num_envs and self.model.ep_info_buffer:
+                avg = float(np.mean([info["r"] for info in list(self.model.ep_info_buffer)[-20:]]))
+                reporter.metrics({"rollout/avg_return_20": avg}, self.num_timesteps)
+                reporter.progress(self.num_timesteps, total, avg)
+            return True
+
+    return Progress()
+
+
+def train_task(exp, seed: int, reporter, resume: dict | None = None) -> TaskResult:
+    """The ``cartpole_pomdp`` trainer: one body, one seed, ``pomdp.steps`` environment steps."""
+    if resume is not None:
+        raise ValueError("cartpole_pomdp runs have no checkpoints to resume from")
+    cfg = exp.pomdp
+    body_kwargs = {"ssm_state": cfg.ssm_state, "ssm_dt": tuple(cfg.ssm_dt)} if cfg.body == "ssm" else {}
+    callback = _progress_callback(reporter, cfg.steps, max(cfg.steps // 100, 256))
+    model, row = _train(cfg.body, cfg.window, seed, cfg.steps, cfg.eval_episodes, cfg.hidden, callback, **body_kwargs)
+    return TaskResult(model, row)
 
 
 def markdown(rows: list[dict]) -> str:

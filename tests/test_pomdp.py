@@ -49,3 +49,22 @@ def test_ppo_with_the_ssm_body_is_deterministic():
         params.append(torch.cat([p.detach().reshape(-1) for p in model.policy.parameters()]))
     assert torch.equal(params[0], params[1])
     assert sum(p.numel() for p in model.policy.features_extractor.parameters()) > 0
+
+
+def test_the_body_is_a_config_choice_and_runs_under_run_py(tmp_path):
+    from test_run import run_py, runs_by_name
+
+    config = {"mlflow": {"experiment_name": "e2e"},
+              "defaults": {"task": "cartpole_pomdp", "backend": "classical", "gradient": "backprop", "timeout_s": 300,
+                           "pomdp": {"steps": 512, "hidden": 8, "eval_episodes": 2, "window": 2}},
+              "experiments": [{"name": b, "pomdp": {"body": b}} for b in ("mlp", "gru", "ssm")]}
+    proc = run_py(tmp_path, config)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client, runs = runs_by_name(tmp_path)
+    for body in ("mlp", "gru", "ssm"):
+        run = runs[f"{body}-seed0"]
+        assert run.data.tags["status"] == "PASSED", run.data.tags.get("error")
+        assert run.data.params["pomdp.body"] == body
+        m = run.data.metrics
+        assert 0 < m["final/eval_return"] <= 500 and m["final/body_params"] > 0
+        assert client.get_metric_history(run.info.run_id, "rollout/avg_return_20")
