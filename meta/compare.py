@@ -47,9 +47,9 @@ from meta.adaptation import AdaptationConfig, Adapter
 from meta.algorithms import Losses, TaskGradients
 from meta.context import context_shots_per_task, measure_tokens, with_context
 from meta.tasks import QubitTasks
-from meta.train import MetaResult, evaluate, model_diagnostics, task_factory, train_meta
+from meta.train import MetaResult, evaluate, model_diagnostics, task_factory
 from noise.psd import TaskDistribution
-from train import NullReporter
+from train import NullReporter, train
 from utils import seed_streams
 
 #: The comparison's own random streams (utils.seed_streams): its held-out tasks (the same for every
@@ -217,7 +217,7 @@ def run(out: Path, iterations: int, seed: int, dists: list[str], methods: list[s
         for method in methods:
             exp = experiment_for(dist, method, iterations, seed, n_tasks, baseline_steps)
             t0 = time.monotonic()
-            result = train_meta(exp, seed, NullReporter())
+            result = train(exp, seed, NullReporter())  # the task's trainer: context or gradient meta-learner
             train_s = time.monotonic() - t0
             sets = heldout_sets(exp, seed)
             rows = evaluate_result(result, sets, seed, baselines=(method == "maml"))

@@ -252,10 +252,6 @@ def crosscheck(exp: ExperimentConfig, factory: TaskFactory, tasks: QubitTasks, p
 def train_meta(exp: ExperimentConfig, seed: int, reporter, resume: dict | None = None) -> MetaResult:
     if resume is not None:
         raise ValueError("qubit_meta runs have no checkpoints to resume from")
-    if exp.meta.context is not None:  # pi(pulse | encoder(support measurements)): meta/context.py
-        from meta.context import train_context
-
-        return train_context(exp, seed, reporter)
     meta = exp.meta
     seed_everything(seed)
     streams = seed_streams(seed, SEED_STREAMS)

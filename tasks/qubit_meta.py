@@ -69,7 +69,22 @@ def gap_vs_variance_figure(client, outcomes: list) -> object:
     return fig
 
 
-TRAIN_META = "meta.train:train_meta"
+def train(exp, seed: int, reporter, resume: dict | None = None):
+    """The trainer of every algorithm: the context-conditioned policy pi(pulse | encoder(support
+    measurements)) when ``meta.context`` is set (meta/context.py), else the gradient
+    meta-learner (meta/train.py)."""
+    if resume is not None:
+        raise ValueError("qubit_meta runs have no checkpoints to resume from")
+    if exp.meta.context is not None:
+        from meta.context import train_context
+
+        return train_context(exp, seed, reporter)
+    from meta.train import train_meta
+
+    return train_meta(exp, seed, reporter)
+
+
+TRAIN_META = "tasks.qubit_meta:train"
 
 register_task(Task(
     name="qubit_meta",

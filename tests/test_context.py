@@ -22,9 +22,9 @@ from meta.context import (
     normalised_entropy,
     probe_unitaries,
 )
-from meta.train import task_factory, train_meta
+from meta.train import task_factory
 from noise.simulator import average_gate_fidelity
-from train import NullReporter
+from train import NullReporter, train
 
 PROBES = [0.0, 0.3, 0.7, 1.0]
 
@@ -166,8 +166,8 @@ def test_context_with_an_estimated_gradient_is_refused():
 
 def test_context_training_learns_and_is_deterministic():
     exp = _exp(context={"encoder": "mean"}, iterations=30)
-    first = train_meta(exp, 0, NullReporter())
-    again = train_meta(exp, 0, NullReporter())
+    first = train(exp, 0, NullReporter())
+    again = train(exp, 0, NullReporter())
     assert first.train_loss == again.train_loss
     (it0, pre0, _), (_, pre_last, _) = first.validation[0], first.validation[-1]
     assert it0 == 10 and pre_last > pre0 + 0.01, first.validation
@@ -180,7 +180,7 @@ def test_context_training_learns_and_is_deterministic():
 def test_context_plus_steps_runs_on_circuit_policies(backend, algorithm):
     exp = _exp(backend, context={"encoder": "attention", "fusion": "film", "inner_steps": 1, "attention_every": 2},
                iterations=2, algorithm=algorithm, eval={"n_tasks": 4, "every": 2, "k_values": [0, 1]})
-    result = train_meta(exp, 0, NullReporter())
+    result = train(exp, 0, NullReporter())
     m = result.final_metrics()
     assert 0 < m["final/fidelity_post"] <= 1 and m["final/grad_circuit_evals"] > 0
     assert 0 <= m["final/attention/head0/entropy"] <= 1
