@@ -21,6 +21,7 @@ row per circuit) to expectation values ``(N, O)`` and counts every circuit it ex
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,6 +37,10 @@ from torch import nn
 
 from config_schema import ExperimentConfig
 from gradients import parameter_shift_expvals
+from jit_export import ExportedFunction
+
+#: Digest of this module's source: traced circuits kept on disk (jit_export) are keyed on it.
+_MODULE_DIGEST = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 DTYPE = torch.float64
 
@@ -245,18 +251,20 @@ class PennyLaneCircuit(CircuitBackend):
         return out.reshape(gate_angles.shape[0], len(self.spec.observables))
 
 
-def enable_jax_compilation_cache() -> None:
-    """Keep XLA executables on disk so later processes skip compilation.
+def enable_jax_compilation_cache() -> str:
+    """Keep XLA executables on disk so later processes skip compilation; returns the folder.
 
     Location: $QMLBENCH_JAX_CACHE, else ~/.cache/qmlbench/jax. A later process loads an
     executable it has seen in milliseconds instead of compiling it again (0.5-3 s per shape
-    for the scanned 4-qubit circuit on one core; see :class:`TensorCircuitCircuit`).
+    for the scanned 4-qubit circuit on one core; see :class:`TensorCircuitCircuit`). The traced
+    functions themselves are kept beside them, in ``exported/`` (:mod:`jit_export`).
     """
     import jax
 
     path = os.environ.get("QMLBENCH_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qmlbench", "jax")
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return path
 
 
 class JaxCompileMonitor:
@@ -359,12 +367,15 @@ class JaxJitCircuit(CircuitBackend):
         import jax
 
         jax.config.update("jax_enable_x64", True)
-        enable_jax_compilation_cache()
+        folder = Path(enable_jax_compilation_cache()) / "exported"
         JaxCompileMonitor.install()
         self._n_compiles = 0
         self.compile_s = 0.0
-        self._jit_forward = jax.jit(batched)
-        self._jit_vjp = jax.jit(lambda x, v: jax.vjp(batched, x)[1](v)[0])
+        # What decides the traced functions: this class, its constructor arguments and this module's code.
+        args, kwargs = self._constructor_args
+        identity = f"{type(self).__qualname__}|{args!r}|{sorted(kwargs.items())!r}|{_MODULE_DIGEST}"
+        self._jit_forward = ExportedFunction(jax.jit(batched), identity + "|forward", folder)
+        self._jit_vjp = ExportedFunction(jax.jit(lambda x, v: jax.vjp(batched, x)[1](v)[0]), identity + "|vjp", folder)
 
     @property
     def n_compiles(self) -> int | None:
