@@ -77,7 +77,7 @@ def test_without_flatbuffers_every_process_traces(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["tensorcircuit", "pennylane"])
-def test_circuits_load_their_traces_in_a_new_instance(tmp_path, monkeypatch, backend):
+def test_circuits_load_their_traces_in_a_new_instance(tmp_path, monkeypatch, request, backend):
     """A circuit backend built again (as in the next run of a sweep) loads both traced functions;
     outputs and gradients equal the first instance's to the bit."""
     import torch
@@ -85,6 +85,9 @@ def test_circuits_load_their_traces_in_a_new_instance(tmp_path, monkeypatch, bac
     import models
 
     monkeypatch.setenv("QMLBENCH_JAX_CACHE", str(tmp_path))
+    # The backends point jax's process-wide compilation cache at $QMLBENCH_JAX_CACHE: point it back after the test.
+    previous = jax.config.jax_compilation_cache_dir
+    request.addfinalizer(lambda: jax.config.update("jax_compilation_cache_dir", previous))
     spec = models.CircuitSpec(2, 2, 4, ((1.0, (0, 1)), (-1.0, (0, 1))))
     cls = models.TensorCircuitCircuit if backend == "tensorcircuit" else models.PennyLaneJaxCircuit
     angles = torch.linspace(-1, 1, 3 * spec.n_gate_angles, dtype=torch.float64).reshape(3, -1)
