@@ -25,6 +25,10 @@ Sections (all on the published REINFORCE policy of configs/cartpole_reinforce.ya
   filter_function, trajectories with 1000 trajectories), and the wall time of the meta_single
   classical MAML run (configs/meta_single.yaml) under each model (trajectories: 20 iterations and 20
   baseline steps, for its rate).
+- ``control`` (only when named: ``--sections control``): continuous control on Pendulum-v1
+  (configs/pendulum.yaml: SB3's SAC, TD3 and DDPG with this project's actor), environment steps
+  per second of training per backend x algorithm (backprop; the circuit is the config's 3-qubit,
+  3-layer QuantumSAC-style actor), with the compile time apart and the circuits per actor update.
 
 The row ``reference / hand-written`` is the limit: the same policy as a hand-written batched jax
 state vector (tools/reference_statevector.py), numpy in and numpy out, in the forward, gradient and
@@ -59,8 +63,10 @@ import yaml  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 REFERENCE_CONFIG = ROOT / "configs" / "cartpole_reinforce.yaml"
-SECTIONS = ("forward", "gradient", "scaling", "throughput", "memory", "estimators", "noise")
-DEFAULT_SECTIONS = SECTIONS[:-1]
+SECTIONS = ("forward", "gradient", "scaling", "throughput", "memory", "estimators", "noise", "control")
+#: ``noise`` and ``control`` run only when named.
+DEFAULT_SECTIONS = SECTIONS[:-2]
+PENDULUM_CONFIG = ROOT / "configs" / "pendulum.yaml"
 META_SINGLE_CONFIG = ROOT / "configs" / "meta_single.yaml"
 REFERENCE = ("reference", "hand-written")
 #: Backends of the benchmark that are a configured variant of a project backend.
@@ -81,6 +87,7 @@ class Sizes:
         self.qubits = (2, 4) if quick else (2, 4, 6, 8, 10, 12)
         self.scaling_batch = 20 if quick else 100
         self.throughput_episodes = 10 if quick else 30
+        self.control_steps = 150 if quick else 400  # Pendulum steps; updates from step 100 on
         self.memory_episodes = (20, 60) if quick else (100, 500)  # RSS compared between these episodes
         self.budget_s = 0.3 if quick else 1.0  # time spent repeating one measurement (at least 3 calls)
 
@@ -493,6 +500,45 @@ def bench_noise(sizes: Sizes, log: Callable[[str], None]) -> list[dict]:
     return rows
 
 
+def bench_control(sizes: Sizes, log: Callable[[str], None]) -> list[dict]:
+    """configs/pendulum.yaml's actors under SB3's SAC, TD3 and DDPG: ``control_steps`` environment
+    steps, 100 of them random warm-up, one update per step after that, no evaluation until the end
+    (its time is excluded)."""
+    from config_schema import load_config
+    from train import NullReporter, train
+
+    class EvalTime(NullReporter):
+        eval_s = 0.0
+
+        def metrics(self, values, step):
+            self.eval_s += values.get("time/eval_s", 0.0)
+
+    rows = []
+    for backend, name in (("classical", None), ("tensorcircuit", "tc_sac"), ("pennylane", "pl_sac")):
+        for algorithm in ("sac", "td3", "ddpg"):
+            overrides = [f"control.total_steps={sizes.control_steps}", "control.learning_starts=100",
+                         f"control.eval_every={10 * sizes.control_steps}", "control.checkpoint_every=null", "seeds=[0]"]
+            only = f"classical_{algorithm}" if name is None else name
+            if name is not None:
+                overrides.append(f"algorithm={algorithm}")
+            exp = load_config(PENDULUM_CONFIG, overrides=overrides, only=[only]).experiments[0]
+            reporter = EvalTime()
+            result = train(exp, 0, reporter)
+            metrics = result.final_metrics()
+            train_s = result.wall_s - reporter.eval_s
+            compile_s = metrics.get("time/compile_s", 0.0)
+            actor_updates = result.updates // 2 if algorithm == "td3" else result.updates
+            rows.append({
+                "backend": backend, "method": exp.gradient, "algorithm": algorithm, "env_steps": result.env_steps,
+                "updates": result.updates, "train_s": train_s, "compile_s": compile_s,
+                "steps_per_s": result.env_steps / train_s, "steps_per_s_after_compile": result.env_steps / (train_s - compile_s),
+                "circuits_per_actor_update": result.grad_circuit_evals / actor_updates if actor_updates else None,
+            })
+            log(f"control  {backend:13s} {algorithm:4s}: {result.env_steps} steps in {train_s:.1f} s = "
+                f"{rows[-1]['steps_per_s']:6.1f} steps/s ({rows[-1]['steps_per_s_after_compile']:6.1f} after {compile_s:.1f} s compile)")
+    return rows
+
+
 def with_ratios(rows: list[dict], key: tuple[str, ...], value: str, inverse: bool = False) -> list[dict]:
     """Add ``x_classical``: value / classical backprop's value at the same key (inverse: the other
     way round, for rates), so 10 means ten times slower than the classical baseline."""
@@ -582,6 +628,17 @@ def markdown(results: dict[str, list[dict]], machine: dict[str, str]) -> str:
                         ["model", "iterations", "baseline steps", "wall s", "s per MAML iteration", "held-out F after adaptation"],
                         [[r["simulation"], str(r["batch"]), str(r["baseline_steps"]), fmt(r["wall_s"]), fmt(r["train_s_per_iteration"]),
                           fmt(r.get("fidelity_post"), 4)] for r in rows if r["kind"] != "fidelity+gradient"])
+    if results.get("control"):
+        rows = results["control"]
+        out += md_table(f"Continuous control on Pendulum-v1 (configs/pendulum.yaml actors, SB3): {rows[0]['env_steps']} environment "
+                        f"steps, updates from step 100 on, seed 0",
+                        ["backend", "algorithm", "method", "updates", "train s", "compile s", "steps/s", "steps/s after compile",
+                         "circuits per actor update"],
+                        [[r["backend"], r["algorithm"], r["method"], str(r["updates"]), fmt(r["train_s"]), fmt(r["compile_s"], 2),
+                          fmt(r["steps_per_s"]), fmt(r["steps_per_s_after_compile"]), fmt(r["circuits_per_actor_update"])]
+                         for r in rows],
+                        note="Train s excludes the final evaluation. Circuits per actor update: the batch of 256 through the "
+                             "actor with autograd on (TD3 updates its actor every second step).")
     return "\n".join(out)
 
 
@@ -699,6 +756,8 @@ def log_to_mlflow(tracking_uri: str, results: dict[str, list[dict]], machine: di
     for r in results.get("estimators", []):
         metrics[f"estimators/finite_diff_s/params_{r['n_params']}"] = r["seconds"]
         metrics[f"estimators/finite_diff_peak_rss_mb/params_{r['n_params']}"] = r["peak_rss_mb"]
+    for r in results.get("control", []):
+        metrics[f"control_steps_per_s/{r['backend']}/{r['algorithm']}"] = r["steps_per_s"]
     for r in results.get("noise", []):
         if r["ms_per_pulse_task"] is not None:
             metrics[f"noise_ms_per_pulse_task/{r['simulation']}/steps_{r['time_steps']}"] = r["ms_per_pulse_task"]
@@ -741,6 +800,8 @@ def run_sections(sections: list[str], sizes: Sizes) -> tuple[dict[str, list[dict
         results["estimators"] = bench_estimators(sizes, log)
     if "noise" in sections:
         results["noise"] = bench_noise(sizes, log)
+    if "control" in sections:
+        results["control"] = bench_control(sizes, log)
     return results, time.perf_counter() - start
 
 
@@ -748,7 +809,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes: a check that everything runs")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS),
-                        help=f"default: {' '.join(DEFAULT_SECTIONS)} (noise only when named)")
+                        help=f"default: {' '.join(DEFAULT_SECTIONS)} (noise and control only when named)")
     parser.add_argument("--only", nargs="+", metavar="BACKEND/METHOD", help="measure these pairs only (default: all)")
     parser.add_argument("--out", default="bench_results", help="folder for bench.md, the CSV files and bench.png")
     parser.add_argument("--qubits", nargs="+", type=int, metavar="N", help="qubit counts of the scaling section (default 2 4 ... 12)")

@@ -6,7 +6,8 @@ first episode:
 
 - ``hang``: block forever inside a C call (only a kill ends it: the hard time limit's test);
 - ``raise``: raise RuntimeError;
-- ``nan``: the loss of the second update is NaN (the run must end FAILED, naming the episode).
+- ``nan``: the loss of the second update is NaN (the run must end FAILED, naming the episode);
+- ``hang-after-checkpoint``: ``hang`` at the first progress report after the run's first checkpoint.
 
 Production code never reads the variable: only ``tests/run_with_faults.py`` loads this plugin.
 """
@@ -25,8 +26,8 @@ def faults() -> dict[str, str]:
     out = {}
     for item in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
         name, _, kind = item.partition(":")
-        if kind not in ("hang", "raise", "nan"):
-            raise ValueError(f"{FAULT_ENV}: {item!r}; kinds: hang, raise, nan")
+        if kind not in ("hang", "raise", "nan", "hang-after-checkpoint"):
+            raise ValueError(f"{FAULT_ENV}: {item!r}; kinds: hang, raise, nan, hang-after-checkpoint")
         out[name] = kind
     return out
 
@@ -41,7 +42,7 @@ def _hang(episode: int) -> None:
 
 def install() -> None:
     reporter = worker.WorkerReporter
-    original_init, original_progress = reporter.__init__, reporter.progress
+    original_init, original_progress, original_checkpoint = reporter.__init__, reporter.progress, reporter.checkpoint
 
     def __init__(self, client, run_id, run_name, events, logged_through_step=-1):
         original_init(self, client, run_id, run_name, events, logged_through_step)
@@ -55,8 +56,14 @@ def install() -> None:
             _hang(episode)
         if episode >= 1 and self.fault == "raise":
             raise RuntimeError(f"injected failure in {self.fault_run} at episode {episode}")
+        if self.fault == "hang-after-checkpoint" and getattr(self, "checkpointed", False):
+            _hang(episode)
 
-    reporter.__init__, reporter.progress = __init__, progress
+    def checkpoint(self, state, episode):
+        original_checkpoint(self, state, episode)
+        self.checkpointed = True
+
+    reporter.__init__, reporter.progress, reporter.checkpoint = __init__, progress, checkpoint
 
 
 install()

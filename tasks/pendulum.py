@@ -1,0 +1,53 @@
+"""Pendulum-v1 (gymnasium) with Stable-Baselines3's SAC, TD3 or DDPG and this project's actor
+(control/sb3.py). Its config section is ``control``; the score is the mean return of the last
+deterministic evaluation (``final/eval_return``, 10 episodes or more)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import model_validator
+
+from config_schema import ExperimentConfig
+from control.config import ControlConfig, check_control
+from tasks import Task, register_task
+
+ENV_ID = "Pendulum-v1"
+#: ``final/steps_to_threshold``: the first evaluation at or above this mean return (issue 14's goal).
+THRESHOLD = -200.0
+TRAIN = "control.sb3:train_continuous"
+CONTROL_ALGORITHMS = ("sac", "td3", "ddpg")
+
+
+class PendulumExperiment(ExperimentConfig):
+    task: Literal["pendulum"] = "pendulum"
+    algorithm: str = "sac"
+    control: ControlConfig = ControlConfig()
+    """The Stable-Baselines3 algorithm's settings, the evaluation and the checkpoints."""
+
+    @model_validator(mode="after")
+    def _control_combinations(self) -> PendulumExperiment:
+        check_control(self)
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        return self.control.total_steps
+
+    def description_extra(self) -> str:
+        return f", {self.control.total_steps} environment steps"
+
+
+def control_task(name: str, title: str, config: type, sections: tuple[str, ...] = ("control",), **fields) -> Task:
+    """A continuous-control task: SAC, TD3, DDPG; progress and score from the deterministic evaluation."""
+    return Task(name=name, title=title, config=config, trainers={a: TRAIN for a in CONTROL_ALGORITHMS},
+                progress_metric="eval/return", progress_label="eval return", step_unit="env_step",
+                sections=sections, **fields)
+
+
+register_task(control_task(
+    "pendulum", ENV_ID, PendulumExperiment,
+    score_column="final_eval_return", score_metric="final/eval_return", score_label="eval return",
+    extra_columns={"steps_to_threshold": "final/steps_to_threshold"},
+    short_metrics={"final/return": "final/eval_return"},
+))
