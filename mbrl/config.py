@@ -1,0 +1,58 @@
+"""PETS settings: a small pydantic model the task plug-in embeds as its ``pets`` section.
+
+Settings that cannot plan (elites above the population, a zero horizon, particles that do not
+split evenly over the ensemble) are refused with one line naming the field, before any run starts.
+Defaults are the issue's anchors (Chua et al. 2018; mbrl-lib's pets configs) cut down so that one
+planning step stays near 50 ms on one CPU core; the README's PETS section gives the measurement.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class PETSConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    env_steps: int = Field(5000, ge=1, le=10_000_000)
+    """Environment steps of the whole run, the random seed episodes included."""
+    seed_steps: int = Field(200, ge=1)
+    """Steps of uniformly random actions before the first model is trained."""
+    ensemble_size: int = Field(5, ge=1, le=64)
+    hidden: int = Field(64, ge=1, le=4096)
+    layers: int = Field(3, ge=1, le=8)
+    """Hidden layers per member."""
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(5e-5, ge=0)
+    epochs: int = Field(5, ge=1)
+    """Passes over each member's bootstrap sample after every episode."""
+    batch_size: int = Field(64, ge=1)
+    holdout_fraction: float = Field(0.1, ge=0, lt=1)
+    """Share of transitions never trained on; the model NLL metric is measured on them."""
+    horizon: int = Field(15)
+    population: int = Field(200)
+    elites: int = Field(20)
+    iterations: int = Field(3)
+    particles: int = Field(10)
+    """Trajectory-sampling particles per candidate; each is propagated by one member throughout (TS-inf)."""
+    alpha: float = Field(0.1, ge=0, lt=1)
+    """CEM smoothing: new mean/std = alpha * old + (1 - alpha) * elites'."""
+    eval_episodes: int = Field(3, ge=1, le=1000)
+
+    @field_validator("horizon", "population", "elites", "iterations", "particles")
+    @classmethod
+    def _positive(cls, value: int, info) -> int:
+        if value < 1:
+            raise ValueError(f"{info.field_name} must be a positive integer, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PETSConfig":
+        if self.elites > self.population:
+            raise ValueError(f"elites ({self.elites}) must be at most population ({self.population})")
+        if self.particles % self.ensemble_size:
+            raise ValueError(f"particles ({self.particles}) must be a multiple of ensemble_size ({self.ensemble_size}) "
+                             "so each member propagates as many particles")
+        if self.seed_steps > self.env_steps:
+            raise ValueError(f"seed_steps ({self.seed_steps}) must be at most env_steps ({self.env_steps})")
+        return self

@@ -1,0 +1,112 @@
+"""A probabilistic ensemble of dynamics models (PETS, Chua et al. 2018).
+
+Each member is an MLP giving a Gaussian over the change of the observation, trained by its
+negative log-likelihood on its own bootstrap sample of the data. The log-variance is bounded by
+learned ``max_logvar`` / ``min_logvar`` (shared by the members) through the usual soft clamp,
+with a small penalty pulling the bounds together. All members run as one batched call:
+``torch.func.stack_module_state`` stacks the members' parameters and ``torch.func.vmap`` maps
+``functional_call`` of one template member over them.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+from torch.nn import functional as F
+
+
+def _member(in_dim: int, out_dim: int, hidden: int, layers: int) -> nn.Sequential:
+    mods: list[nn.Module] = []
+    width = in_dim
+    for _ in range(layers):
+        mods += [nn.Linear(width, hidden), nn.SiLU()]
+        width = hidden
+    mods.append(nn.Linear(width, 2 * out_dim))
+    return nn.Sequential(*mods)
+
+
+def soft_clamp_logvar(raw: torch.Tensor, max_logvar: torch.Tensor, min_logvar: torch.Tensor) -> torch.Tensor:
+    """``max - softplus(max - raw)`` then ``min + softplus(. - min)``: smooth, within the learned bounds."""
+    logvar = max_logvar - F.softplus(max_logvar - raw)
+    return min_logvar + F.softplus(logvar - min_logvar)
+
+
+class GaussianEnsemble(nn.Module):
+    """``size`` Gaussian MLPs from ``in_dim`` inputs to ``out_dim`` means and log-variances.
+
+    Inputs are standardised with statistics set by :meth:`fit_normalizer` (shared by the members).
+    ``forward(x)`` takes ``x`` of shape ``(size, batch, in_dim)``, member ``i`` seeing ``x[i]``.
+    """
+
+    def __init__(self, size: int, in_dim: int, out_dim: int, hidden: int = 200, layers: int = 3,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.size, self.in_dim, self.out_dim = size, in_dim, out_dim
+        # torch's initialisers draw from the global generator: seed it from ours, then restore it
+        with torch.random.fork_rng(devices=[]):
+            if generator is not None:
+                torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+            members = [_member(in_dim, out_dim, hidden, layers) for _ in range(size)]
+        params, buffers = stack_module_state(members)
+        if buffers:
+            raise ValueError("ensemble members with buffers are not supported")
+        self.params = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(v) for k, v in params.items()})
+        self._names = list(params)
+        # the template holds no data of its own: functional_call supplies every parameter
+        self._template = [copy.deepcopy(members[0]).to("meta")]
+        self.max_logvar = nn.Parameter(torch.full((out_dim,), 0.5))
+        self.min_logvar = nn.Parameter(torch.full((out_dim,), -10.0))
+        self.register_buffer("in_mean", torch.zeros(in_dim))
+        self.register_buffer("in_std", torch.ones(in_dim))
+
+    def stacked(self) -> dict[str, torch.Tensor]:
+        return {name: self.params[name.replace(".", "__")] for name in self._names}
+
+    def member_params(self, i: int) -> dict[str, torch.Tensor]:
+        return {name: p[i] for name, p in self.stacked().items()}
+
+    @torch.no_grad()
+    def fit_normalizer(self, x: torch.Tensor) -> None:
+        self.in_mean.copy_(x.mean(0))
+        self.in_std.copy_(x.std(0).clamp_min(1e-6) if len(x) > 1 else torch.ones_like(self.in_std))
+
+    def _raw(self, x: torch.Tensor) -> torch.Tensor:
+        template = self._template[0]
+
+        def one(params, xi):
+            return functional_call(template, params, (xi,))
+
+        return vmap(one)(self.stacked(), (x - self.in_mean) / self.in_std)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.dim() != 3 or x.shape[0] != self.size:
+            raise ValueError(f"expected input of shape ({self.size}, batch, {self.in_dim}), got {tuple(x.shape)}")
+        out = self._raw(x)
+        mean, raw = out[..., : self.out_dim], out[..., self.out_dim :]
+        return mean, soft_clamp_logvar(raw, self.max_logvar, self.min_logvar)
+
+    def forward_member_loop(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same as :meth:`forward`, one member at a time (the tests' reference)."""
+        template = self._template[0]
+        outs = [functional_call(template, self.member_params(i), ((x[i] - self.in_mean) / self.in_std,))
+                for i in range(self.size)]
+        out = torch.stack(outs)
+        mean, raw = out[..., : self.out_dim], out[..., self.out_dim :]
+        return mean, soft_clamp_logvar(raw, self.max_logvar, self.min_logvar)
+
+    def nll(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Gaussian negative log-likelihood per member, averaged over batch and dimensions (constant
+        0.5 log 2 pi included), shape ``(size,)``; ``x``: ``(size, batch, in)``, ``y``: ``(size, batch, out)``."""
+        mean, logvar = self(x)
+        return gaussian_nll(mean, logvar, y).mean(dim=(1, 2))
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, bound_weight: float = 0.01) -> torch.Tensor:
+        """Training loss: the members' NLLs summed, plus ``bound_weight * (sum max_logvar - sum min_logvar)``."""
+        return self.nll(x, y).sum() + bound_weight * (self.max_logvar.sum() - self.min_logvar.sum())
+
+
+def gaussian_nll(mean: torch.Tensor, logvar: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (logvar + (y - mean) ** 2 * torch.exp(-logvar) + torch.log(torch.tensor(2 * torch.pi, dtype=mean.dtype)))

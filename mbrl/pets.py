@@ -1,0 +1,251 @@
+"""PETS (Chua et al. 2018) on gymnasium's Pendulum-v1: the probabilistic ensemble learns the
+change of the observation, the CEM planner with trajectory sampling picks each action (MPC: the
+first action of the optimised sequence, the rest warm-starts the next step), and the reward is the
+environment's own, written as a torch function of (observation, action).
+
+``train_pets(exp, seed, reporter)`` runs ``pets.env_steps`` environment steps (the first
+``seed_steps`` with uniformly random actions), retrains the ensemble after every episode and
+evaluates the planner on ``eval_episodes`` fresh episodes at the end. Metrics against environment
+steps: the episode return, the model's NLL on held-out transitions, ensemble disagreement and
+planning milliseconds per step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from mbrl.cem import CEMPlanner, trajectory_returns
+from mbrl.config import PETSConfig
+from mbrl.ensemble import GaussianEnsemble, gaussian_nll
+from utils import seed_streams
+
+ENV_ID = "Pendulum-v1"
+MAX_TORQUE = 2.0
+
+
+def pendulum_reward(obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """Pendulum-v1's reward for taking ``action`` in ``obs = (cos th, sin th, th_dot)``:
+    ``-(th^2 + 0.1 th_dot^2 + 0.001 u^2)`` with th normalised to [-pi, pi) and u clipped to the torque bound."""
+    th = torch.atan2(obs[..., 1], obs[..., 0])
+    th = torch.remainder(th + math.pi, 2 * math.pi) - math.pi
+    u = action[..., 0].clamp(-MAX_TORQUE, MAX_TORQUE)
+    return -(th**2 + 0.1 * obs[..., 2] ** 2 + 0.001 * u**2)
+
+
+@dataclass
+class PETSResult:
+    cfg: PETSConfig
+    ensemble: GaussianEnsemble
+    episode_returns: list[float] = field(default_factory=list)
+    episode_end_steps: list[int] = field(default_factory=list)
+    holdout_nll: list[tuple[int, float]] = field(default_factory=list)
+    disagreement: list[tuple[int, float]] = field(default_factory=list)
+    plan_ms: list[float] = field(default_factory=list)
+    eval_returns: list[float] = field(default_factory=list)
+    env_steps: int = 0
+    train_s: float = 0.0
+
+    @property
+    def final_step(self) -> int:
+        return self.env_steps
+
+    def final_metrics(self) -> dict[str, float]:
+        nan = float("nan")
+        return {
+            "final/eval_return": float(np.mean(self.eval_returns)),
+            "final/eval_std": float(np.std(self.eval_returns)),
+            "final/env_steps": float(self.env_steps),
+            "final/train_return_last": self.episode_returns[-1] if self.episode_returns else nan,
+            "final/model_nll_holdout": self.holdout_nll[-1][1] if self.holdout_nll else nan,
+            "final/ensemble_disagreement": self.disagreement[-1][1] if self.disagreement else nan,
+            "final/plan_ms_per_step": float(np.mean(self.plan_ms)) if self.plan_ms else nan,
+            "final/plan_ms_per_step_median": float(np.median(self.plan_ms)) if self.plan_ms else nan,
+            "final/train_s": self.train_s,
+        }
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.ensemble.state_dict().items()}
+
+    def figures(self, title: str) -> dict:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        axes[0].plot(self.episode_end_steps, self.episode_returns, marker=".")
+        axes[0].axhline(-200, color="grey", ls="--", lw=0.8)
+        axes[0].set(xlabel="environment steps", ylabel="episode return", title="return")
+        if self.holdout_nll:
+            s, v = zip(*self.holdout_nll)
+            axes[1].plot(s, v, marker=".", label="held-out NLL")
+            s, d = zip(*self.disagreement)
+            axes[1].plot(s, d, marker=".", label="disagreement")
+            axes[1].set_yscale("symlog")
+            axes[1].legend()
+        axes[1].set(xlabel="environment steps", title="model")
+        axes[2].plot(self.plan_ms, lw=0.5)
+        axes[2].set(xlabel="planned step", ylabel="ms", title="planning time per step")
+        fig.suptitle(title)
+        fig.tight_layout()
+        return {"pets_learning.png": fig}
+
+
+class _Data:
+    """Transitions split once, at insertion, into training and held-out sets."""
+
+    def __init__(self, holdout_fraction: float, rng: np.random.Generator):
+        self.fraction, self.rng = holdout_fraction, rng
+        self.train_x: list[np.ndarray] = []
+        self.train_y: list[np.ndarray] = []
+        self.hold_x: list[np.ndarray] = []
+        self.hold_y: list[np.ndarray] = []
+
+    def add(self, obs, action, next_obs) -> None:
+        x = np.concatenate([obs, action]).astype(np.float32)
+        y = (next_obs - obs).astype(np.float32)
+        if self.fraction and self.rng.random() < self.fraction:
+            self.hold_x.append(x)
+            self.hold_y.append(y)
+        else:
+            self.train_x.append(x)
+            self.train_y.append(y)
+
+
+def _fit(ensemble: GaussianEnsemble, opt: torch.optim.Optimizer, data: _Data, cfg: PETSConfig,
+         rng: np.random.Generator) -> None:
+    x = torch.as_tensor(np.stack(data.train_x))
+    y = torch.as_tensor(np.stack(data.train_y))
+    ensemble.fit_normalizer(x)
+    n, e = len(x), ensemble.size
+    boot = rng.integers(0, n, size=(e, n))  # each member's bootstrap sample, fresh each fit
+    for _ in range(cfg.epochs):
+        order = np.stack([rng.permutation(row) for row in boot])
+        for start in range(0, n, cfg.batch_size):
+            idx = torch.as_tensor(order[:, start : start + cfg.batch_size])
+            loss = ensemble.loss(x[idx], y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"ensemble loss is not finite ({loss.item()})")
+
+
+@torch.no_grad()
+def _model_metrics(ensemble: GaussianEnsemble, data: _Data) -> tuple[float, float]:
+    """Held-out NLL (per dimension, members averaged) and disagreement (variance of the members'
+    means across members, summed over dimensions, averaged over held-out transitions)."""
+    if not data.hold_x:
+        return float("nan"), float("nan")
+    x = torch.as_tensor(np.stack(data.hold_x)).expand(ensemble.size, -1, -1)
+    y = torch.as_tensor(np.stack(data.hold_y)).expand(ensemble.size, -1, -1)
+    mean, logvar = ensemble(x)
+    nll = gaussian_nll(mean, logvar, y).mean().item()
+    disagreement = mean.var(0, unbiased=False).sum(-1).mean().item()
+    return nll, disagreement
+
+
+class _Agent:
+    def __init__(self, ensemble: GaussianEnsemble, cfg: PETSConfig, generator: torch.Generator):
+        lo, hi = torch.tensor([-MAX_TORQUE]), torch.tensor([MAX_TORQUE])
+        self.planner = CEMPlanner(cfg.horizon, cfg.population, cfg.elites, cfg.iterations, lo, hi, cfg.alpha)
+        self.ensemble, self.cfg, self.generator = ensemble, cfg, generator
+        self.reset()
+
+    def reset(self) -> None:
+        self.mean = self.planner.initial_mean()
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        o = torch.as_tensor(obs, dtype=torch.float32)
+
+        def objective(actions):
+            return trajectory_returns(self.ensemble, pendulum_reward, o, actions, self.cfg.particles, self.generator)
+
+        plan = self.planner.optimize(objective, self.mean, self.generator)
+        self.mean = torch.cat([plan[1:], plan[-1:]])  # warm start: the rest of the plan, shifted
+        return plan[0].numpy().astype(np.float32)
+
+
+def _config(exp) -> PETSConfig:
+    if isinstance(exp, PETSConfig):
+        return exp
+    cfg = getattr(exp, "pets", None)
+    if not isinstance(cfg, PETSConfig):
+        raise ValueError(f"train_pets needs a PETSConfig or an experiment with a 'pets' section, got {type(exp).__name__}")
+    return cfg
+
+
+def train_pets(exp, seed: int, reporter, resume: dict | None = None) -> PETSResult:
+    """One PETS run on Pendulum-v1; ``exp`` is a :class:`PETSConfig` or has one as ``exp.pets``."""
+    if resume is not None:
+        raise ValueError("pets runs have no checkpoints to resume from")
+    cfg = _config(exp)
+    torch.set_num_threads(1)
+    streams = seed_streams(seed, ["pets/env", "pets/eval_env", "pets/init", "pets/data", "pets/plan", "pets/explore"])
+    ensemble = GaussianEnsemble(cfg.ensemble_size, 4, 3, cfg.hidden, cfg.layers, generator=streams["pets/init"].torch())
+    opt = torch.optim.Adam(ensemble.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    data_rng = streams["pets/data"].numpy()
+    data = _Data(cfg.holdout_fraction, data_rng)
+    explore = streams["pets/explore"].numpy()
+    agent = _Agent(ensemble, cfg, streams["pets/plan"].torch())
+    result = PETSResult(cfg, ensemble)
+    env = gym.make(ENV_ID)
+    reset_seeds = iter(streams["pets/env"].ints(cfg.env_steps + 1))
+    t0 = time.monotonic()
+    obs, _ = env.reset(seed=next(reset_seeds))
+    agent.reset()
+    ep_return, trained = 0.0, False
+    for step in range(1, cfg.env_steps + 1):
+        if trained:
+            tp = time.perf_counter()
+            action = agent.act(obs)
+            result.plan_ms.append(1e3 * (time.perf_counter() - tp))
+        else:
+            action = explore.uniform(-MAX_TORQUE, MAX_TORQUE, size=1).astype(np.float32)
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        data.add(obs, action, next_obs)
+        ep_return += float(reward)
+        obs = next_obs
+        done = terminated or truncated
+        if done or step == cfg.env_steps:
+            result.episode_returns.append(ep_return)
+            result.episode_end_steps.append(step)
+            metrics = {"pets/episode_return": ep_return}
+            if result.plan_ms:
+                metrics["pets/plan_ms_per_step"] = float(np.mean(result.plan_ms[-200:]))
+            if step >= cfg.seed_steps and len(data.train_x) > 1:
+                _fit(ensemble, opt, data, cfg, data_rng)
+                trained = True
+                nll, dis = _model_metrics(ensemble, data)
+                result.holdout_nll.append((step, nll))
+                result.disagreement.append((step, dis))
+                metrics.update({"pets/model_nll_holdout": nll, "pets/ensemble_disagreement": dis})
+            reporter.metrics(metrics, step)
+            reporter.progress(step, cfg.env_steps, ep_return)
+            obs, _ = env.reset(seed=next(reset_seeds))
+            agent.reset()
+            ep_return = 0.0
+    result.env_steps = cfg.env_steps
+    result.train_s = time.monotonic() - t0
+    env.close()
+    if not trained:
+        raise ValueError(f"env_steps ({cfg.env_steps}) ended before the model was ever trained")
+    eval_env = gym.make(ENV_ID)
+    for s in streams["pets/eval_env"].ints(cfg.eval_episodes):
+        obs, _ = eval_env.reset(seed=s)
+        agent.reset()
+        total, done = 0.0, False
+        while not done:
+            obs, reward, terminated, truncated, _ = eval_env.step(agent.act(obs))
+            total += float(reward)
+            done = terminated or truncated
+        result.eval_returns.append(total)
+    eval_env.close()
+    return result
