@@ -249,3 +249,50 @@ def train_pets(exp, seed: int, reporter, resume: dict | None = None) -> PETSResu
         result.eval_returns.append(total)
     eval_env.close()
     return result
+
+
+class _PrintReporter:
+    """Prints each episode's metrics as a JSON line (the command line's reporter)."""
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        import json
+
+        print(json.dumps({"step": step, **{k: round(v, 4) for k, v in values.items()}}), flush=True)
+
+    def tags(self, values: dict[str, str]) -> None:
+        pass
+
+    def progress(self, episode: int, total: int, avg_return: float) -> None:
+        pass
+
+    def checkpoint(self, state: dict, episode: int) -> None:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description="PETS on Pendulum-v1 (defaults: mbrl.config.PETSConfig)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--env-steps", type=int, default=PETSConfig().env_steps)
+    parser.add_argument("--out", type=Path, default=None, help="folder for the figures and results.json")
+    args = parser.parse_args(argv)
+    cfg = PETSConfig(env_steps=args.env_steps)
+    rows = []
+    for seed in args.seeds:
+        result = train_pets(cfg, seed, _PrintReporter())
+        row = {"seed": seed, **result.final_metrics(), "eval_returns": result.eval_returns}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            result.figures(f"PETS, Pendulum-v1, seed {seed}")["pets_learning.png"].savefig(args.out / f"pets_seed{seed}.png", dpi=120)
+    if args.out is not None:
+        (args.out / "results.json").write_text(json.dumps({"config": cfg.model_dump(), "runs": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
