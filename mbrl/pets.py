@@ -248,6 +248,8 @@ def train_pets(exp, seed: int, reporter, resume: dict | None = None) -> PETSResu
             done = terminated or truncated
         result.eval_returns.append(total)
     eval_env.close()
+    # the pendulum task's progress metric (its SAC/TD3/DDPG runs log it at every evaluation)
+    reporter.metrics({"eval/return": float(np.mean(result.eval_returns))}, cfg.env_steps)
     return result
 
 

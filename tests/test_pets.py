@@ -184,8 +184,20 @@ def _tiny(**kw):
 
 
 def test_tiny_run_is_deterministic_per_seed():
+    class Recorder(NullReporter):
+        def __init__(self):
+            self.logged = []
+
+        def metrics(self, values, step):
+            self.logged.append((step, dict(values)))
+
     cfg = _tiny()
-    a, b, c = (train_pets(cfg, s, NullReporter()) for s in (0, 0, 1))
+    rec = Recorder()
+    a, b, c = (train_pets(cfg, s, r) for s, r in ((0, rec), (0, NullReporter()), (1, NullReporter())))
+    assert [step for step, _ in rec.logged] == [200, 300, 300]
+    assert {"pets/episode_return", "pets/model_nll_holdout", "pets/ensemble_disagreement"} <= set(rec.logged[0][1])
+    assert "pets/plan_ms_per_step" in rec.logged[1][1]
+    assert rec.logged[2][1] == {"eval/return": a.final_metrics()["final/eval_return"]}
     timing = {"final/plan_ms_per_step", "final/plan_ms_per_step_median", "final/train_s"}
     fa, fb, fc = ({k: v for k, v in r.final_metrics().items() if k not in timing} for r in (a, b, c))
     assert fa == fb
