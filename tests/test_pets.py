@@ -218,3 +218,22 @@ def test_train_pets_reads_experiment_section_and_refuses_resume():
         train_pets(Exp(), 0, NullReporter(), resume={"x": 1})
     with pytest.raises(ValueError, match="PETSConfig"):
         train_pets(object(), 0, NullReporter())
+
+
+def test_pets_is_an_algorithm_of_the_pendulum_task():
+    """`algorithm: pets` on `task: pendulum` validates, refuses a circuit backend, and trains through
+    the task registry (train.train), the same as a PETSConfig given directly."""
+    from config_schema import ConfigError, load_config
+    from train import train
+
+    tiny = _tiny(env_steps=200, seed_steps=200).model_dump()
+    raw = {"experiments": [{"name": "p", "task": "pendulum", "algorithm": "pets", "backend": "classical",
+                            "gradient": "backprop", "pets": tiny}]}
+    exp = load_config(raw=raw).experiments[0]
+    assert exp.total_steps == 200 and "control" not in __import__("config_schema").applicable_fields(exp)
+    via_task = train(exp, 0).final_metrics()
+    direct = train_pets(_tiny(env_steps=200, seed_steps=200), 0, NullReporter()).final_metrics()
+    assert via_task["final/eval_return"] == direct["final/eval_return"] and via_task["final/env_steps"] == 200
+    raw["experiments"][0].update(backend="tensorcircuit")
+    with pytest.raises(ConfigError, match="PETS's ensemble is classical"):
+        load_config(raw=raw)
