@@ -149,7 +149,7 @@ def test_set_errors_are_reported_once_against_the_command_line(tmp_path):
                                 "(got 'abc')"]
     with pytest.raises(ConfigError) as info:
         load_config(raw=raw, overrides=["meta.iterations=20"])
-    assert info.value.lines == ["--set 'meta.iterations=20': meta.* applies to task qubit_meta, and no experiment of "
+    assert info.value.lines == ["--set 'meta.iterations=20': meta.* applies to task qubit_meta / qubit_pulse, and no experiment of "
                                 "<memory> has that task"]
     qubit = {"experiments": [{"name": "q", "task": "qubit_meta", "backend": "classical", "gradient": "backprop"}]}
     with pytest.raises(ConfigError, match="training.* applies to task cartpole"):

@@ -9,7 +9,16 @@ from conftest import experiment
 import gradients
 from models import build_model
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """float64 by default in this module's tests only: set at import, it leaked into every test of
+    the session (Stable-Baselines3's float32 critics then met float64 layers)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def quadratic(a: torch.Tensor, b: torch.Tensor):
