@@ -23,6 +23,7 @@ import torch
 from mbrl.cem import CEMPlanner, trajectory_returns
 from mbrl.config import PETSConfig
 from mbrl.ensemble import GaussianEnsemble, gaussian_nll
+from train import NullReporter
 from utils import seed_streams
 
 ENV_ID = "Pendulum-v1"
@@ -255,22 +256,13 @@ def train_pets(exp, seed: int, reporter, resume: dict | None = None) -> PETSResu
     return result
 
 
-class _PrintReporter:
+class _PrintReporter(NullReporter):
     """Prints each episode's metrics as a JSON line (the command line's reporter)."""
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         import json
 
         print(json.dumps({"step": step, **{k: round(v, 4) for k, v in values.items()}}), flush=True)
-
-    def tags(self, values: dict[str, str]) -> None:
-        pass
-
-    def progress(self, episode: int, total: int, avg_return: float) -> None:
-        pass
-
-    def checkpoint(self, state: dict, episode: int) -> None:
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from config_schema import ContextConfig, ExperimentConfig
-from meta.algorithms import Losses, TaskGradients, adapt, robust_pulse
+from meta.algorithms import Losses, TaskGradients, adapt
 from meta.policies import build_pulse_policy
 from meta.tasks import QubitTasks
 from meta.train import (
@@ -60,6 +60,7 @@ from meta.train import (
     crosscheck,
     evaluate,
     model_diagnostics,
+    robust_baseline,
     simulation_device,
     task_factory,
 )
@@ -331,13 +332,7 @@ def train_context(exp: ExperimentConfig, seed: int, reporter) -> ContextResult:
     reporter.tags({"n_params": str(policy.n_params), "n_encoder_params": str(n_encoder),
                    "context_shots_per_task": str(shots_per_task)})
 
-    t0 = time.monotonic()
-    robust = None
-    if meta.baselines.robust_steps > 0:
-        robust = robust_pulse(lambda n: factory.sample(n, train_rng), meta.n_segments, meta.max_amplitude,
-                              meta.baselines.robust_steps, meta.baselines.robust_batch, meta.baselines.lr,
-                              streams["robust"].torch())
-    baselines_s = time.monotonic() - t0
+    robust, baselines_s = robust_baseline(meta, factory, train_rng, streams["robust"].torch())
 
     theta = nn.Parameter(policy.init_params(seed))
     params = [theta, *encoder.parameters()]

@@ -249,6 +249,18 @@ def crosscheck(exp: ExperimentConfig, factory: TaskFactory, tasks: QubitTasks, p
     return out
 
 
+def robust_baseline(meta: MetaConfig, factory: TaskFactory, rng: np.random.Generator,
+                    generator: torch.Generator) -> tuple[torch.Tensor | None, float]:
+    """The robust pulse on the training distribution (None when ``meta.baselines.robust_steps`` is
+    0) and the seconds it took."""
+    t0 = time.monotonic()
+    robust = None
+    if meta.baselines.robust_steps > 0:
+        robust = robust_pulse(lambda n: factory.sample(n, rng), meta.n_segments, meta.max_amplitude,
+                              meta.baselines.robust_steps, meta.baselines.robust_batch, meta.baselines.lr, generator)
+    return robust, time.monotonic() - t0
+
+
 def train_meta(exp: ExperimentConfig, seed: int, reporter, resume: dict | None = None) -> MetaResult:
     if resume is not None:
         raise ValueError("qubit_meta runs have no checkpoints to resume from")
@@ -272,13 +284,7 @@ def train_meta(exp: ExperimentConfig, seed: int, reporter, resume: dict | None =
     }
     reporter.tags({"n_params": str(policy.n_params), "task_inputs": str(factory.n_inputs)})
 
-    t0 = time.monotonic()
-    robust = None
-    if meta.baselines.robust_steps > 0:
-        robust = robust_pulse(lambda n: factory.sample(n, train_rng), meta.n_segments, meta.max_amplitude,
-                              meta.baselines.robust_steps, meta.baselines.robust_batch, meta.baselines.lr,
-                              streams["robust"].torch())
-    baselines_s = time.monotonic() - t0
+    robust, baselines_s = robust_baseline(meta, factory, train_rng, streams["robust"].torch())
     if robust is not None:
         with torch.no_grad():
             robust_val = float(val_tasks.fidelity(robust.expand(len(val_tasks), -1, -1)).mean())
