@@ -54,18 +54,15 @@ from meta.algorithms import Losses, TaskGradients, adapt
 from meta.policies import build_pulse_policy
 from meta.tasks import QubitTasks
 from meta.train import (
-    FF_VALIDITY_WARN_FRACTION,
     SEED_STREAMS,
     MetaResult,
-    crosscheck,
     evaluate,
-    model_diagnostics,
+    final_checks,
     robust_baseline,
     simulation_device,
     task_factory,
 )
 from models import SSM
-from noise.models import FF_VALIDITY
 from noise.simulator import pauli_eigenstates, state_fidelities
 from utils import NonFiniteError, seed_everything, seed_streams
 
@@ -402,14 +399,7 @@ def train_context(exp: ExperimentConfig, seed: int, reporter) -> ContextResult:
     for kk in k_values:
         reporter.metrics({"meta/fidelity_vs_k": final.mean(kk)}, kk)
     variance = factory.distribution.compute_variance(factory.converter, n_samples=2000, seed=seed)
-    final_pulses = {name: final.pulses[key] for name, key in (("pre", "k0"), ("post", f"k{k}"), ("robust", "robust"),
-                                                                ("optimum", "optimum")) if key in final.pulses}
-    checks = model_diagnostics(val_tasks, final_pulses, "final/diag")
-    outside = checks.get("final/diag/ff_outside_validity/post", 0.0)
-    if outside > FF_VALIDITY_WARN_FRACTION:
-        reporter.tags({"warning": f"filter_function: {outside:.0%} of the held-out tasks have a first-order noise infidelity "
-                                  f"above {FF_VALIDITY}; compare final/crosscheck/trajectories/*"})
-    checks.update(crosscheck(exp, factory, val_tasks, final_pulses, seed))
+    checks = final_checks(exp, factory, val_tasks, final, k, reporter, seed)
     return ContextResult(exp, theta.detach(), robust, policy, train_loss, validation, final, heldout, variance,
                          loss_evaluations, grad_circuit_evals, 0, eval_circuit_evals, wall_s, baselines_s + time.monotonic() - t1,
                          checks, context=run)

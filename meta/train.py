@@ -261,6 +261,24 @@ def robust_baseline(meta: MetaConfig, factory: TaskFactory, rng: np.random.Gener
     return robust, time.monotonic() - t0
 
 
+def final_checks(exp: ExperimentConfig, factory: TaskFactory, val_tasks: QubitTasks, final: Evaluation, k_post: int,
+                 reporter, seed: int) -> dict[str, float]:
+    """The final pulses (before and after ``k_post`` steps, robust, optimum) diagnosed under the
+    run's fidelity model and re-evaluated under every model (``final/diag/*``,
+    ``final/crosscheck/*``); a ``warning`` tag when too many held-out tasks lie outside the
+    filter-function model's first-order validity."""
+    final_pulses = {name: final.pulses[key] for name, key in (("pre", "k0"), ("post", f"k{k_post}"), ("robust", "robust"),
+                                                                ("optimum", "optimum")) if key in final.pulses}
+    checks = model_diagnostics(val_tasks, final_pulses, "final/diag")
+    outside = checks.get("final/diag/ff_outside_validity/post", 0.0)
+    if outside > FF_VALIDITY_WARN_FRACTION:
+        reporter.tags({"warning": f"filter_function: {outside:.0%} of the held-out tasks have a first-order noise infidelity above "
+                                  f"{FF_VALIDITY} (outside the model's validity); compare final/crosscheck/trajectories/* or use "
+                                  "simulation: trajectories"})
+    checks.update(crosscheck(exp, factory, val_tasks, final_pulses, seed))
+    return checks
+
+
 def train_meta(exp: ExperimentConfig, seed: int, reporter, resume: dict | None = None) -> MetaResult:
     if resume is not None:
         raise ValueError("qubit_meta runs have no checkpoints to resume from")
@@ -347,16 +365,7 @@ def train_meta(exp: ExperimentConfig, seed: int, reporter, resume: dict | None =
     for k in k_values:
         reporter.metrics({"meta/fidelity_vs_k": final.mean(k)}, k)
     variance = factory.distribution.compute_variance(factory.converter, n_samples=2000, seed=seed)
-    k_post = meta.inner_steps
-    final_pulses = {name: final.pulses[key] for name, key in (("pre", "k0"), ("post", f"k{k_post}"), ("robust", "robust"),
-                                                                ("optimum", "optimum")) if key in final.pulses}
-    checks = model_diagnostics(val_tasks, final_pulses, "final/diag")
-    outside = checks.get("final/diag/ff_outside_validity/post", 0.0)
-    if outside > FF_VALIDITY_WARN_FRACTION:
-        reporter.tags({"warning": f"filter_function: {outside:.0%} of the held-out tasks have a first-order noise infidelity above "
-                                  f"{FF_VALIDITY} (outside the model's validity); compare final/crosscheck/trajectories/* or use "
-                                  "simulation: trajectories"})
-    checks.update(crosscheck(exp, factory, val_tasks, final_pulses, seed))
+    checks = final_checks(exp, factory, val_tasks, final, meta.inner_steps, reporter, seed)
     result = MetaResult(exp, theta.detach(), robust, policy, train_loss, validation, final, heldout, variance,
                         loss_evaluations, grad_circuit_evals, metric_circuit_evals, eval_circuit_evals, wall_s,
                         baselines_s + time.monotonic() - t1, checks)

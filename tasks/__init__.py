@@ -53,12 +53,6 @@ class Task:
     def algorithms(self) -> tuple[str, ...]:
         return tuple(self.trainers)
 
-    def total_steps(self, exp: Any) -> int:
-        return exp.total_steps
-
-    def describe(self, exp: Any) -> str:
-        return exp.description_extra()
-
     def trainer(self, algorithm: str):
         try:
             target = self.trainers[algorithm]
