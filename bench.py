@@ -141,11 +141,11 @@ def all_pairs() -> list[tuple[str, str]]:
 
 def placed_model(exp, seed: int = 0):
     """The experiment's model on the device it trains on (train.py's choice, CPU fallbacks included)."""
+    from backends import BACKENDS
     from models import build_model
-    from utils import select_device, simulation_device
 
     model = build_model(exp, 4, 2, seed=seed)
-    device, _ = simulation_device(exp.backend, select_device(exp.device), exp.tensorcircuit.math_backend)
+    device, _ = BACKENDS.get(exp.backend).placement(exp)
     return model.to(device), device
 
 
@@ -161,6 +161,14 @@ def reference_policy(n_qubits: int = 4, n_layers: int = 5, scan: bool = False):
 
     model = build_model(exp, 4, 2, seed=0)
     return ReferencePolicy(layout_of(model), scan=scan), params_of(model)
+
+
+def reference_device() -> str:
+    """Where the hand-written limit computes: jax's default device, which :func:`main` sets to the
+    GPU when the models go there (``--device cuda`` and a jax that sees one), else the CPU."""
+    import jax
+
+    return "cuda" if jax.config.jax_default_device is not None and jax.config.jax_default_device.platform == "gpu" else "cpu"
 
 
 def compiles_during(fn: Callable[[], object]) -> tuple[float, int]:
@@ -217,14 +225,16 @@ def bench_forward(sizes: Sizes, log: Callable[[str], None]) -> list[dict]:
     policy, params = reference_policy(scan=sizes.reference_scan)
     for batch in sizes.forward_batches:
         first, median, _ = median_time(partial(policy.forward, params, obs_np[:batch]), sizes.budget_s)
-        rows.append({"backend": REFERENCE[0], "method": REFERENCE[1], "batch": batch, "first_s": first, "median_ms": 1e3 * median})
+        rows.append({"backend": REFERENCE[0], "method": REFERENCE[1], "device": reference_device(), "batch": batch,
+                     "first_s": first, "median_ms": 1e3 * median})
         log(f"forward  {'reference':13s} {'hand-written':15s} batch {batch:5d}: {1e3 * median:9.3f} ms (first call {first:.2f} s)")
     for backend, gradient in sizes.pairs:
         model, device = placed_model(reference_experiment(backend, gradient, sizes.device))
         obs = torch.as_tensor(obs_np, dtype=torch.float64, device=device)
         for batch in sizes.forward_batches:
             first, median, _ = median_time(partial(no_grad_forward, model, obs[:batch]), sizes.budget_s)
-            rows.append({"backend": backend, "method": gradient, "batch": batch, "first_s": first, "median_ms": 1e3 * median})
+            rows.append({"backend": backend, "method": gradient, "device": device, "batch": batch, "first_s": first,
+                         "median_ms": 1e3 * median})
             log(f"forward  {backend:13s} {gradient:15s} batch {batch:5d}: {1e3 * median:9.3f} ms (first call {first:.2f} s)")
     return with_limit(with_ratios(rows, key=("batch",), value="median_ms"), key=("batch",), value="median_ms")
 
@@ -238,7 +248,7 @@ def bench_gradient(sizes: Sizes, log: Callable[[str], None]) -> list[dict]:
     rows = []
     policy, params = reference_policy(scan=sizes.reference_scan)
     first, median, _ = median_time(partial(policy.loss_and_grad, params, obs_np, actions, returns, episodes), sizes.budget_s)
-    rows.append({"backend": REFERENCE[0], "method": REFERENCE[1], "batch": sizes.gradient_batch, "first_s": first,
+    rows.append({"backend": REFERENCE[0], "method": REFERENCE[1], "device": reference_device(), "batch": sizes.gradient_batch, "first_s": first,
                  "median_s": median, "circuit_evals": sizes.gradient_batch, "n_compiles": None})
     log(f"gradient {'reference':13s} {'hand-written':15s} batch {sizes.gradient_batch}: {median:8.4f} s (first call {first:.2f} s)")
     for backend, gradient in sizes.pairs:
@@ -249,7 +259,7 @@ def bench_gradient(sizes: Sizes, log: Callable[[str], None]) -> list[dict]:
         first, median, stats = median_time(partial(GradientStep(model, exp, seed=0), obs, loss_fn, "bench"), sizes.budget_s)
         circuit_evals = stats["circuit_evals"] if backend != "classical" else None
         rows.append({
-            "backend": backend, "method": gradient, "batch": sizes.gradient_batch, "first_s": first,
+            "backend": backend, "method": gradient, "device": device, "batch": sizes.gradient_batch, "first_s": first,
             "median_s": median, "circuit_evals": circuit_evals, "n_compiles": model.n_compiles,
         })
         log(f"gradient {backend:13s} {gradient:15s} batch {sizes.gradient_batch}: {median:8.4f} s, "
@@ -576,14 +586,15 @@ def markdown(results: dict[str, list[dict]], machine: dict[str, str]) -> str:
         for r in results["forward"]:
             by_pair.setdefault((r["backend"], r["method"]), {})[r["batch"]] = r
         out += md_table("Policy forward (no gradient), median ms (x limit)",
-                        ["backend", "method", *(f"batch {b}" for b in batches)],
-                        [[backend, method, *(f"{fmt(cells[b]['median_ms'])} (x{fmt(cells[b]['x_limit'], 2)})" for b in batches)]
+                        ["backend", "method", "device", *(f"batch {b}" for b in batches)],
+                        [[backend, method, next(iter(cells.values()))["device"],
+                          *(f"{fmt(cells[b]['median_ms'])} (x{fmt(cells[b]['x_limit'], 2)})" for b in batches)]
                          for (backend, method), cells in by_pair.items()],
                         note="x limit: time over the hand-written reference's at the same batch, measured in the same process.")
     if "gradient" in results:
         out += md_table(f"One gradient step on {results['gradient'][0]['batch']} recorded transitions",
-                        ["backend", "method", "median s", "x limit", "x classical", "circuits executed", "first call s"],
-                        [[r["backend"], r["method"], fmt(r["median_s"]), fmt(r["x_limit"], 2), fmt(r["x_classical"], 2),
+                        ["backend", "method", "device", "median s", "x limit", "x classical", "circuits executed", "first call s"],
+                        [[r["backend"], r["method"], r["device"], fmt(r["median_s"]), fmt(r["x_limit"], 2), fmt(r["x_classical"], 2),
                           fmt(r["circuit_evals"]), fmt(r["first_s"], 2)] for r in results["gradient"]])
     if "scaling" in results:
         out += md_table(f"Qubit scaling ({SCALING_LAYERS} layers, batch {results['scaling'][0]['batch']}, fastest exact gradient): "
@@ -687,6 +698,7 @@ def figure(results: dict[str, list[dict]]):
 
 
 def machine_description(device: str = "cpu") -> dict[str, str]:
+    import jax
     import torch
 
     from utils import select_device
@@ -706,6 +718,8 @@ def machine_description(device: str = "cpu") -> dict[str, str]:
         "python": platform.python_version(),
         "os": platform.platform(terse=True),
         "device": select_device(device) + (f" ({torch.cuda.get_device_name(0)})" if select_device(device) == "cuda" else ""),
+        "jax": f"{jax.__version__} on {reference_device()}",
+        "torch": torch.__version__,
     }
 
 
@@ -741,7 +755,8 @@ def log_to_mlflow(tracking_uri: str, results: dict[str, list[dict]], machine: di
     run_id = run.info.run_id
     params = {f"machine.{k}": v for k, v in machine.items()}
     params.update({f"version.{k}": v for k, v in library_versions().items()})
-    params.update({"quick": args.quick, "sections": ",".join(args.sections), "pairs": ",".join(args.only or ["all"])})
+    params.update({"quick": args.quick, "sections": ",".join(args.sections), "pairs": ",".join(args.only or ["all"]),
+                   "limit": args.limit or ("scan" if args.quick else "unrolled"), "budget_s": args.budget_s or (0.3 if args.quick else 1.0)})
     log_params(client, run_id, params)
     metrics: dict[str, float] = {}
     for r in results.get("forward", []):
@@ -816,6 +831,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
                         help="device of the models (cuda: torch and jax on the GPU where installed; simulators that cannot go "
                              "there fall back to the CPU as in training)")
+    parser.add_argument("--limit", choices=("unrolled", "scan"),
+                        help="the hand-written limit's layers unrolled (the faster limit; default without --quick) or under "
+                             "jax.lax.scan (compiles in a fraction of the time; default with --quick)")
+    parser.add_argument("--budget-s", type=float, metavar="S",
+                        help="seconds spent repeating one measurement, at least 3 calls (default 1.0, 0.3 with --quick)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     args = parser.parse_args(argv)
 
@@ -834,7 +854,7 @@ def main(argv: list[str] | None = None) -> int:
     from utils import select_device
 
     try:
-        select_device(args.device)
+        device = select_device(args.device)
     except RuntimeError as exc:
         print(f"error: --device: {exc}", file=sys.stderr)
         return 2
@@ -844,15 +864,29 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    import jax
+
+    from utils import jax_sees_gpu
+
+    # The limit (and every jax model: models.JaxJitCircuit places its calls itself) on the GPU
+    # only when the models go there: also on a GPU machine, --device cpu measures the CPU.
+    jax.config.update("jax_default_device", jax.devices("cuda" if device == "cuda" and jax_sees_gpu() else "cpu")[0])
     # Compile times are measured into an empty persistent cache, not loaded from an earlier run's.
     with tempfile.TemporaryDirectory(prefix="qmlbench-bench-jax-") as cache:
         os.environ["QMLBENCH_JAX_CACHE"] = cache
         sizes = Sizes(args.quick, pairs, args.device)
         if args.qubits:
             sizes.qubits = tuple(args.qubits)
+        if args.limit:
+            sizes.reference_scan = args.limit == "scan"
+        if args.budget_s is not None:
+            sizes.budget_s = args.budget_s
         results, total_s = run_sections(args.sections, sizes)
     machine = machine_description(args.device)
-    text = markdown(results, machine) + f"\nTotal benchmark time: {total_s:.0f} s.\n"
+    limit = "under jax.lax.scan" if sizes.reference_scan else "unrolled"
+    text = markdown(results, machine) + (f"\nThe limit's layers {limit} (forward and gradient tables; always under scan in "
+                                         f"the scaling table); {sizes.budget_s:g} s per measurement.\n"
+                                         f"Total benchmark time: {total_s:.0f} s.\n")
     print()
     print(text)
     files = write_outputs(Path(args.out), results, text)

@@ -79,27 +79,27 @@ class ExportedFunction:
         self.exported = 0
         """Shapes traced here and written to disk."""
 
-    def key(self, arrays: tuple[np.ndarray, ...]) -> str:
-        import jax
-
-        text = "|".join([self.identity, library_versions(), jax.default_backend(),
-                         *(f"{a.shape}:{a.dtype}" for a in arrays)])
+    def key(self, arrays: tuple[np.ndarray, ...], platform: str = "cpu") -> str:
+        text = "|".join([self.identity, library_versions(), platform, *(f"{a.shape}:{a.dtype}" for a in arrays)])
         return hashlib.sha256(text.encode()).hexdigest()
 
-    def __call__(self, *arrays: np.ndarray):
-        signature = tuple((a.shape, a.dtype.str) for a in arrays)
+    def __call__(self, *arrays: np.ndarray, platform: str = "cpu"):
+        """``platform``: jax's name of the platform it runs on (``cpu``, ``cuda``); a trace is
+        exported for that platform alone, and the caller places the call there
+        (``jax.default_device``)."""
+        signature = (platform, *((a.shape, a.dtype.str) for a in arrays))
         fn = self._by_shape.get(signature)
         if fn is None:
-            fn = self._by_shape[signature] = self._function_for(arrays)
+            fn = self._by_shape[signature] = self._function_for(arrays, platform)
         return fn(*arrays)
 
-    def _function_for(self, arrays: tuple[np.ndarray, ...]) -> Callable:
+    def _function_for(self, arrays: tuple[np.ndarray, ...], platform: str) -> Callable:
         import jax
         from jax import export
 
         if not serialisation_available():
             return self.jitted
-        path = self.folder / f"{self.key(arrays)}.bin"
+        path = self.folder / f"{self.key(arrays, platform)}.bin"
         if path.exists():
             try:
                 exported = export.deserialize(bytearray(path.read_bytes()))
@@ -108,7 +108,7 @@ class ExportedFunction:
             else:
                 self.loaded += 1
                 return jax.jit(exported.call)
-        exported = export.export(self.jitted)(*(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays))
+        exported = export.export(self.jitted, platforms=(platform,))(*(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays))
         self.folder.mkdir(parents=True, exist_ok=True)
         # Written whole or not at all: another process may read it at any moment.
         fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")

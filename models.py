@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from backends.pennylane import pennylane_device_for
 from config_schema import ExperimentConfig
 from gradients import parameter_shift_expvals
 from jit_export import ExportedFunction
@@ -394,6 +395,11 @@ class JaxJitCircuit(CircuitBackend):
         import jax
 
         device = arrays[0].device
+        # jax computes where the torch tensors live: a CUDA tensor runs the circuit on jax's GPU
+        # (the model is placed there only when jax has one: utils.simulation_device), anything
+        # else on jax's CPU, also in a process whose default jax device is a GPU.
+        platform = "cuda" if device.type == "cuda" else "cpu"
+        jax_device = jax.devices(platform)[0]
         host = [a.detach().to("cpu", torch.float64).numpy() for a in arrays]
         outs = []
         for start, stop, size in padded_chunks(host[0].shape[0], small):
@@ -401,7 +407,8 @@ class JaxJitCircuit(CircuitBackend):
             for padded, a in zip(chunk, host):
                 padded[: stop - start] = a[start:stop]
             before, t0 = JaxCompileMonitor.compiles, time.perf_counter()
-            result = jax.block_until_ready(jitted(*chunk))
+            with jax.default_device(jax_device):
+                result = jax.block_until_ready(jitted(*chunk, platform=platform))
             if JaxCompileMonitor.compiles != before:
                 self._n_compiles += JaxCompileMonitor.compiles - before
                 self.compile_s += time.perf_counter() - t0
@@ -785,13 +792,6 @@ class ReUploadingPQC(PolicyModel):
 
 # ---------------------------------------------------------------------------------------------
 # Circuit factories (named by the backends' registry entries, backends/) and the model builder
-
-
-def pennylane_device_for(gradient: str, configured: str) -> str:
-    """``auto``: lightning.qubit for adjoint (fast C++ adjoint), default.qubit with broadcasting otherwise."""
-    if configured != "auto":
-        return configured
-    return "lightning.qubit" if gradient == "adjoint" else "default.qubit"
 
 
 def _pennylane_circuit(spec: CircuitSpec, exp: ExperimentConfig) -> CircuitBackend:

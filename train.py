@@ -25,10 +25,11 @@ import numpy as np
 import torch
 
 import gradients
+from backends import BACKENDS
 from config_schema import ExperimentConfig
 from models import PolicyModel, build_model, compile_metrics
 from tasks.cartpole import ENV_ID
-from utils import NonFiniteError, seed_everything, seed_streams, select_device, simulation_device
+from utils import NonFiniteError, seed_everything, seed_streams
 
 AVG_WINDOW = 10
 #: A CartPole run's random streams (utils.seed_streams): estimator directions, REINFORCE's sampled
@@ -218,8 +219,7 @@ def _as_tensor(x: np.ndarray, device: str = "cpu") -> torch.Tensor:
 
 def _place(model: PolicyModel, exp: ExperimentConfig, reporter: Reporter) -> str:
     """Move the model to the experiment's device (or the CPU where its simulator cannot go)."""
-    requested = select_device(exp.device)
-    device, note = simulation_device(exp.backend, requested, exp.tensorcircuit.math_backend)
+    device, note = BACKENDS.get(exp.backend).placement(exp)
     model.to(device)
     reporter.tags({"device": device, **({"device_note": note} if note else {})})
     return device

@@ -51,19 +51,39 @@ def select_device(requested: str = "auto", *, cuda_available: bool | None = None
     return requested
 
 
-def simulation_device(backend: str, device: str, tc_math_backend: str = "jax") -> tuple[str, str | None]:
-    """Device on which a backend's model runs, and a note when it had to fall back to the CPU.
+def jax_sees_gpu() -> bool:
+    """Whether jax has a CUDA backend here (jax's CPU wheels, which requirements.txt installs, do not)."""
+    import jax
 
-    The classical MLP runs anywhere. PennyLane default.qubit and TensorCircuit's pytorch backend
-    simulate with torch ops, so they can use CUDA, but MPS lacks complex128. TensorCircuit's jax
-    backend runs where jax runs (the CPU with the wheels we pin).
+    try:
+        return bool(jax.devices("cuda"))
+    except RuntimeError:  # "Unknown backend cuda" / no CUDA plugin or no device
+        return False
+
+
+def simulation_device(engine: str, device: str, *, jax_gpu: bool | None = None) -> tuple[str, str | None]:
+    """Device on which a model runs, and a note when it had to fall back to the CPU.
+
+    ``engine`` (a backend's :attr:`backends.Backend.engine` for the experiment): ``torch`` (the
+    classical MLP, PennyLane's torch interface, TensorCircuit's pytorch backend) runs on any torch
+    device but MPS, which lacks complex128 (the MLP is real and runs there too: ``torch-real``);
+    ``jax`` (TensorCircuit's jax backend, PennyLane's jax interface) runs on the GPU when jax has
+    one (``jax_gpu``, probed unless given: the tests inject it), its inputs and outputs crossing
+    as host arrays; ``cpu`` (lightning.qubit) simulates on the CPU whatever is asked.
     """
-    if backend == "classical" or device == "cpu":
+    if engine not in ("torch", "torch-real", "jax", "cpu"):
+        raise ValueError(f"simulation engine {engine!r}; allowed: torch, torch-real, jax, cpu")
+    if device == "cpu" or engine == "torch-real":
         return device, None
-    if backend == "tensorcircuit" and tc_math_backend == "jax":
-        return "cpu", f"{backend} (jax) simulates on the cpu; requested device {device!r} is not used"
+    if engine == "cpu":
+        return "cpu", f"this simulator runs on the cpu only; requested device {device!r} is not used"
     if device == "mps":
-        return "cpu", f"{backend} needs complex128, which MPS lacks; simulating on the cpu"
+        return "cpu", "complex128 is missing on MPS; simulating on the cpu"
+    if engine == "jax":
+        if jax_gpu is None:
+            jax_gpu = jax_sees_gpu()
+        if not jax_gpu:
+            return "cpu", f"jax sees no GPU (install a CUDA build of jax); requested device {device!r} is not used"
     return device, None
 
 

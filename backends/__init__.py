@@ -55,6 +55,9 @@ class Backend:
     """Whether autograd can differentiate this experiment's gradient again (needed by MAML)."""
     check: Callable[[Any], None] = _no_checks
     """Raises ``ValueError("field '...': ...")`` for settings of its own section that cannot work."""
+    engine: Callable[[Any], str] = lambda exp: "torch"
+    """What simulates this experiment, which decides the devices it can use
+    (:func:`utils.simulation_device`): ``torch``, ``torch-real``, ``jax`` or ``cpu``."""
 
     def __post_init__(self) -> None:
         for g in self.gradients:
@@ -63,6 +66,12 @@ class Backend:
     @property
     def is_circuit(self) -> bool:
         return self.circuit_factory is not None
+
+    def placement(self, exp: Any) -> tuple[str, str | None]:
+        """(device the experiment's model runs on, a note when that is not the requested device)."""
+        from utils import select_device, simulation_device
+
+        return simulation_device(self.engine(exp), select_device(exp.device))
 
     def build_circuit(self, spec: Any, exp: Any) -> Any:
         if self.circuit_factory is None:

@@ -8,4 +8,5 @@ register_backend(Backend(
     summary="torch MLP (model.hidden_sizes); the classical reference",
     circuit_factory=None,
     second_order=lambda exp: exp.gradient == "backprop",
+    engine=lambda exp: "torch-real",
 ))

@@ -8,4 +8,5 @@ register_backend(Backend(
     summary="TensorCircuit-NG statevector under jax.jit (or its pytorch math backend)",
     circuit_factory="models:_tensorcircuit_circuit",
     second_order=lambda exp: exp.gradient == "backprop" and exp.tensorcircuit.math_backend == "pytorch",
+    engine=lambda exp: "jax" if exp.tensorcircuit.math_backend == "jax" else "torch",
 ))

@@ -132,6 +132,7 @@ def _log_policy_model(tracking_uri: str, run_id: str, model, observation_shape: 
     import torch
     from mlflow.models import infer_signature
 
+    model.to("cpu")  # training is over; a logged model loads on any machine, and the example is a CPU tensor
     example = np.zeros((1, *observation_shape))
     with torch.no_grad():
         output = model(torch.as_tensor(example)).cpu().numpy()

@@ -106,3 +106,17 @@ def test_circuits_load_their_traces_in_a_new_instance(tmp_path, monkeypatch, req
     assert (second._jit_forward.loaded, second._jit_vjp.loaded) == (1, 1)
     assert (second._jit_forward.exported, second._jit_vjp.exported) == (0, 0)
     assert torch.equal(out1, out2) and torch.equal(g1, g2)
+
+
+def test_each_platform_has_its_own_trace(tmp_path):
+    """A GPU run and a CPU run of one shape never share a trace: jax.export lowers for one platform
+    (exporting for CUDA needs no GPU, so this runs here)."""
+    from jax import export
+
+    x, v = np.ones((2, 3)), np.ones((2, 1))
+    fn = ExportedFunction(traced_counter()[0], "f-v1", tmp_path)
+    assert fn.key((x, v), "cpu") != fn.key((x, v), "cuda")
+    fn(x, v)
+    fn._function_for((x, v), "cuda")
+    platforms = sorted(export.deserialize(bytearray(p.read_bytes())).platforms for p in tmp_path.glob("*.bin"))
+    assert platforms == [("cpu",), ("cuda",)] and fn.exported == 2

@@ -13,8 +13,8 @@ from models import (
     circuit_spec,
     padded_chunks,
     parse_observable,
-    pennylane_device_for,
 )
+from backends.pennylane import pennylane_device_for
 
 OBS = torch.tensor([[0.02, 0.3, -0.04, -0.5], [1.5, -1.0, 0.18, 2.0], [-0.7, 0.1, 0.0, 0.9]], dtype=torch.float64)
 

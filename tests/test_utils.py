@@ -1,7 +1,7 @@
 import pytest
 
 from sweep.tracking import check_tracking_uri, resolve_tracking_uri
-from utils import flatten_dict, select_device, simulation_device
+from utils import flatten_dict, jax_sees_gpu, select_device, simulation_device
 
 
 @pytest.mark.parametrize("requested,cuda,mps,expected", [
@@ -30,13 +30,40 @@ def test_select_device_probes_torch_on_this_machine():
 
 
 def test_simulation_device_falls_back_to_cpu_with_a_note():
-    assert simulation_device("classical", "mps") == ("mps", None)
-    assert simulation_device("pennylane", "cuda") == ("cuda", None)
-    device, note = simulation_device("pennylane", "mps")
+    assert simulation_device("torch-real", "mps") == ("mps", None)  # the classical MLP is real
+    assert simulation_device("torch", "cuda") == ("cuda", None)
+    device, note = simulation_device("torch", "mps")
     assert device == "cpu" and "MPS" in note
-    device, note = simulation_device("tensorcircuit", "cuda", "jax")
-    assert device == "cpu" and "jax" in note
-    assert simulation_device("tensorcircuit", "cuda", "pytorch") == ("cuda", None)
+    assert simulation_device("jax", "cuda", jax_gpu=True) == ("cuda", None)
+    device, note = simulation_device("jax", "cuda", jax_gpu=False)
+    assert device == "cpu" and "jax sees no GPU" in note
+    device, note = simulation_device("cpu", "cuda")
+    assert device == "cpu" and "cpu only" in note
+    assert simulation_device("jax", "cpu", jax_gpu=True) == ("cpu", None)
+    with pytest.raises(ValueError, match="allowed: torch, torch-real, jax, cpu"):
+        simulation_device("numpy", "cpu")
+
+
+def test_this_machine_has_no_jax_gpu():
+    assert jax_sees_gpu() is False  # the pinned jax wheels are CPU-only
+
+
+@pytest.mark.parametrize(("fields", "engine"), [
+    ({"backend": "classical"}, "torch-real"),
+    ({"backend": "pennylane", "gradient": "backprop"}, "jax"),
+    ({"backend": "pennylane", "gradient": "adjoint"}, "cpu"),
+    ({"backend": "pennylane", "gradient": "backprop", "pennylane": {"interface": "torch"}}, "cpu"),
+    ({"backend": "tensorcircuit", "gradient": "backprop"}, "jax"),
+    ({"backend": "tensorcircuit", "gradient": "backprop", "tensorcircuit": {"math_backend": "pytorch"}}, "torch"),
+])
+def test_each_backend_names_what_simulates_it(fields, engine):
+    from backends import BACKENDS
+    from config_schema import parse_experiment
+
+    exp = parse_experiment({"name": "x", "task": "cartpole", "algorithm": "reinforce", "gradient": "backprop",
+                            "device": "cpu", **fields})
+    assert BACKENDS.get(exp.backend).engine(exp) == engine
+    assert BACKENDS.get(exp.backend).placement(exp) == ("cpu", None)
 
 
 def test_flatten_dict():
