@@ -603,12 +603,12 @@ def deterministic_pulse(model, exp: ExperimentConfig) -> torch.Tensor:
     return torch.as_tensor(env.controls.copy(), dtype=torch.float64)
 
 
-def pulse_baselines(exp: ExperimentConfig, seed: int, learned: torch.Tensor) -> dict[str, float]:
-    """Held-out fidelity of the learned pulse, the robust pulse and the per-task optimum on the
-    validation tasks of ``qubit_meta`` with the same seed (same streams: same tasks, same fidelity
-    model, the same robust pulse)."""
+def pulse_reference(exp: ExperimentConfig, seed: int) -> tuple:
+    """The validation tasks of ``qubit_meta`` with the same seed and the robust pulse trained on its
+    training tasks (None when ``meta.baselines.robust_steps`` is 0): the same streams, so the same
+    tasks, fidelity model and robust pulse as the qubit_meta run of that seed."""
     from envs.qubit_pulse import pulse_task_factory
-    from meta.algorithms import per_task_optimum, robust_pulse
+    from meta.algorithms import robust_pulse
     from meta.train import SEED_STREAMS as META_STREAMS
 
     meta = exp.meta
@@ -616,13 +616,25 @@ def pulse_baselines(exp: ExperimentConfig, seed: int, learned: torch.Tensor) -> 
     streams = seed_streams(seed, META_STREAMS)
     train_rng = streams["train_tasks"].numpy()
     val_tasks = factory.sample(meta.eval.n_tasks, streams["validation"].numpy())
-    with torch.no_grad():
-        f_learned = val_tasks.fidelity(learned.expand(len(val_tasks), -1, -1)).numpy()
-    out = {"final/fidelity": float(f_learned.mean())}
+    robust = None
     if meta.baselines.robust_steps > 0:
         robust = robust_pulse(lambda n: factory.sample(n, train_rng), meta.n_segments, meta.max_amplitude,
                               meta.baselines.robust_steps, meta.baselines.robust_batch, meta.baselines.lr,
                               streams["robust"].torch())
+    return val_tasks, robust
+
+
+def pulse_baselines(exp: ExperimentConfig, seed: int, learned: torch.Tensor, reference: tuple | None = None) -> dict[str, float]:
+    """Held-out fidelity of the learned pulse, the robust pulse and the per-task optimum on the
+    tasks of :func:`pulse_reference` (``reference``: its result, if already computed)."""
+    from meta.algorithms import per_task_optimum
+
+    meta = exp.meta
+    val_tasks, robust = reference if reference is not None else pulse_reference(exp, seed)
+    with torch.no_grad():
+        f_learned = val_tasks.fidelity(learned.expand(len(val_tasks), -1, -1)).numpy()
+    out = {"final/fidelity": float(f_learned.mean())}
+    if robust is not None:
         with torch.no_grad():
             f_robust = val_tasks.fidelity(robust.expand(len(val_tasks), -1, -1)).numpy()
         out["final/fidelity_robust"] = float(f_robust.mean())

@@ -8,6 +8,8 @@ planning step stays near 50 ms on one CPU core; the README's PETS section gives 
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
@@ -55,4 +57,39 @@ class PETSConfig(BaseModel):
                              "so each member propagates as many particles")
         if self.seed_steps > self.env_steps:
             raise ValueError(f"seed_steps ({self.seed_steps}) must be at most env_steps ({self.env_steps})")
+        return self
+
+
+class PulsePETSConfig(BaseModel):
+    """The ``pets`` section of a ``qubit_pulse`` experiment."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    env_steps: int = Field(2000, ge=1, le=10_000_000)
+    """Environment steps of the whole run (``n_segments`` per episode), the random episodes included."""
+    seed_episodes: int = Field(10, ge=2)
+    """Episodes of uniformly random pulses before the first model is trained."""
+    ensemble_size: int = Field(5, ge=1, le=64)
+    hidden: int = Field(64, ge=1, le=4096)
+    layers: int = Field(2, ge=1, le=8)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    epochs: int = Field(30, ge=1)
+    """Passes over each member's bootstrap sample after every episode."""
+    batch_size: int = Field(32, ge=1)
+    holdout_fraction: float = Field(0.1, ge=0, lt=1)
+    """Share of episodes never trained on; the model NLL metric is measured on them."""
+    population: int = Field(300, ge=1)
+    elites: int = Field(30, ge=1)
+    iterations: int = Field(5, ge=1)
+    alpha: float = Field(0.1, ge=0, lt=1)
+    reward: Literal["fidelity", "log_infidelity"] = "log_infidelity"
+    """What the environment returns at the end of an episode, and so what the ensemble learns."""
+    eval_every: int = Field(10, ge=1)
+    """Episodes between two held-out evaluations of the mean-model plan."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PulsePETSConfig:
+        if self.elites > self.population:
+            raise ValueError(f"elites ({self.elites}) must be at most population ({self.population})")
         return self
