@@ -11,8 +11,9 @@ with it on held-out and out-of-distribution tasks, adapting between episodes.
    Pendulum's known reward (:func:`mbrl.pets.pendulum_reward`). Episode 0 uses the meta-learned
    model as it is; before episode k + 1 the model is adapted on all the task's transitions of
    episodes 0..k (gradient steps for maml / reptile, the encoder's posterior for context, nothing
-   for pooled). Logged: ``adapt/<split>/return_ep<k>`` and ``adapt/<split>/nll_ep<k>`` (the NLL of
-   episode k's transitions under the model that planned it).
+   for pooled). Logged: ``adapt/<split>/return_ep<k>``, ``adapt/<split>/nll_ep<k>`` (the NLL of
+   episode k's transitions under the model that planned it) and ``adapt/<split>/nll_unadapted_ep<k>``
+   (the same transitions under the unadapted model: adaptation's effect on the model, on the same data).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class MetaResult:
     returns: dict[str, np.ndarray] = field(default_factory=dict)
     """split -> (tasks, adapt_episodes + 1) returns."""
     nlls: dict[str, np.ndarray] = field(default_factory=dict)
+    base_nlls: dict[str, np.ndarray] = field(default_factory=dict)
+    """split -> the same episodes' NLL under the unadapted model (equal to ``nlls`` in episode 0)."""
     plan_ms: list[float] = field(default_factory=list)
     train_env_steps: int = 0
     eval_env_steps: int = 0
@@ -81,6 +84,7 @@ class MetaResult:
             for ep in range(k + 1):
                 out[f"adapt/{split}/return_ep{ep}"] = float(self.returns[split][:, ep].mean())
                 out[f"adapt/{split}/nll_ep{ep}"] = float(self.nlls[split][:, ep].mean())
+                out[f"adapt/{split}/nll_unadapted_ep{ep}"] = float(self.base_nlls[split][:, ep].mean())
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -188,21 +192,28 @@ def _nll(model, x: torch.Tensor, y: torch.Tensor) -> float:
     return gaussian_nll(mean, logvar, y.expand(model.size, *y.shape)).mean().item()
 
 
-def evaluate(learner, tasks: list[PendulumTask], cfg: PendulumMetaConfig, planner: Planner, reset_seeds) -> tuple[np.ndarray, np.ndarray, int]:
+def evaluate(learner, tasks: list[PendulumTask], cfg: PendulumMetaConfig, planner: Planner,
+             reset_seeds) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Returns, the NLL of each episode under the model that planned it, the same episode's NLL
+    under the unadapted model (shape ``(tasks, adapt_episodes + 1)``) and the steps taken."""
     returns = np.zeros((len(tasks), cfg.adapt_episodes + 1))
     nlls = np.zeros_like(returns)
+    base_nlls = np.zeros_like(returns)
     steps: list = []
     for i, task in enumerate(tasks):
         env = task.make_env(cfg.episode_steps)
         xs, ys = torch.zeros(0, 4), torch.zeros(0, 3)
         for k in range(cfg.adapt_episodes + 1):
             model = learner.adapt(xs, ys)
+            if k == 0:
+                unadapted = model
             planner.reset(model)
             ep = _episode(env, next(reset_seeds), planner, steps)
             returns[i, k], nlls[i, k] = ep.ret, _nll(model, ep.x, ep.y)
+            base_nlls[i, k] = nlls[i, k] if k == 0 else _nll(unadapted, ep.x, ep.y)
             xs, ys = torch.cat([xs, ep.x]), torch.cat([ys, ep.y])
         env.close()
-    return returns, nlls, len(steps)
+    return returns, nlls, base_nlls, len(steps)
 
 
 def _parts(exp) -> tuple[PendulumMetaConfig, str]:
@@ -260,7 +271,7 @@ def train_pendulum_meta(exp, seed: int, reporter=None, resume: dict | None = Non
     planner.plan_ms = []
     eval_seeds = iter(streams["meta/eval_env"].ints((cfg.n_heldout_tasks + cfg.n_ood_tasks) * (cfg.adapt_episodes + 1)))
     for split in EVAL_SPLITS:
-        result.returns[split], result.nlls[split], steps = evaluate(learner, splits[split], cfg, planner, eval_seeds)
+        result.returns[split], result.nlls[split], result.base_nlls[split], steps = evaluate(learner, splits[split], cfg, planner, eval_seeds)
         result.eval_env_steps += steps
         for k in range(cfg.adapt_episodes + 1):
             reporter.metrics({f"adapt/{split}/return": float(result.returns[split][:, k].mean()),

@@ -266,6 +266,10 @@ def test_tiny_run_is_deterministic_and_counts_its_steps(algorithm):
     assert fa["final/eval_return"] == fa["adapt/heldout/return_ep1"]
     assert all(math.isfinite(v) for v in fa.values())
     assert set(a.figures("t")) == {"pendulum_meta_adaptation.png"}
+    for split in ("heldout", "ood"):  # the unadapted model's NLL of the same episode: equal only where nothing adapts
+        assert fa[f"adapt/{split}/nll_unadapted_ep0"] == fa[f"adapt/{split}/nll_ep0"]
+        same = fa[f"adapt/{split}/nll_unadapted_ep1"] == fa[f"adapt/{split}/nll_ep1"]
+        assert same == (algorithm == "pooled")
 
 
 def test_tiny_run_through_run_py(tmp_path):
