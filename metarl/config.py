@@ -101,7 +101,7 @@ class PendulumMetaConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "PendulumMetaConfig":
+    def _consistent(self) -> PendulumMetaConfig:
         for p in PARAMETERS:
             lo, hi = getattr(self, f"{p}_range")
             wlo, whi = getattr(self, f"{p}_ood_range")

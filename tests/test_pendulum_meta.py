@@ -21,8 +21,7 @@ from pydantic import ValidationError
 from config_schema import ConfigError, load_config
 from metarl.config import PARAMETERS, PendulumMetaConfig
 from metarl.family import PendulumTask, make_splits
-from metarl.learners import (ContextEncoder, MAMLModel, ReptileModel, model_nll, product_of_gaussians,
-                             reptile_update, sgd_adapt)
+from metarl.learners import ContextEncoder, MAMLModel, ReptileModel, model_nll, product_of_gaussians, reptile_update, sgd_adapt
 from metarl.train import train_pendulum_meta
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,8 +146,10 @@ def test_maml_outer_gradient_is_second_order():
         return model_nll(model, sgd_adapt(model, p, xs, ys, 0.1, 1), xq, yq).item()
 
     w0 = params["params.0__weight"].detach()
-    first_order = torch.autograd.grad(model_nll(model, {k: v.detach() if k != "params.0__weight" else w0.requires_grad_(True)
-                                                        for k, v in sgd_adapt(model, {k: v.detach() for k, v in params.items()}, xs, ys, 0.1, 1).items()}, xq, yq), [w0])[0]
+    # first-order MAML: the query gradient at the adapted weights, the inner step treated as constant
+    adapted = {k: v.detach() for k, v in sgd_adapt(model, {k: v.detach() for k, v in params.items()}, xs, ys, 0.1, 1).items()}
+    adapted["params.0__weight"].requires_grad_(True)
+    first_order = torch.autograd.grad(model_nll(model, adapted, xq, yq), [adapted["params.0__weight"]])[0]
     eps = 1e-6
     differs = 0
     for idx in [(0, 0, 0), (0, 3, 2), (0, 7, 1)]:
