@@ -526,7 +526,18 @@ def parse_experiment(data: Any) -> ExperimentConfig:
     task = data.get("task", DEFAULT_TASK)
     if not isinstance(task, str) or task not in TASKS:
         raise ConfigError([f"field 'task': {task!r} is not a registered task; allowed: {', '.join(TASKS.names())}"])
+    _check_task_family(data, task)
     return TASKS.get(task).config.model_validate({**data, "task": task})
+
+
+def _check_task_family(data: dict, task: str) -> None:
+    """``meta_algorithm`` only on a task with a family of tasks (a config class that has the field)."""
+    from tasks import TASKS
+
+    if "meta_algorithm" in data and "meta_algorithm" not in TASKS.get(task).config.model_fields:
+        families = [t.name for t in TASKS if "meta_algorithm" in t.config.model_fields]
+        raise ConfigError([f"field 'meta_algorithm': task {task!r} has no task family; "
+                           f"meta_algorithm applies to: {', '.join(families)}"])
 
 
 DEFAULT_TASK = "cartpole"

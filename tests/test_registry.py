@@ -32,7 +32,7 @@ def test_registry_lists_the_registered_names_and_refuses_a_second_claim():
 
 
 def test_built_in_plug_ins_are_discovered():
-    assert TASKS.names() == ("cartpole", "cartpole_pomdp", "pendulum", "qubit_meta", "qubit_pulse")
+    assert TASKS.names() == ("cartpole", "cartpole_pomdp", "pendulum", "pendulum_meta", "qubit_meta", "qubit_pulse")
     assert BACKENDS.names() == ("classical", "pennylane", "tensorcircuit")
     assert GRADIENT_METHODS.names() == ("backprop", "adjoint", "parameter-shift", "spsa", "finite-diff")
     assert [g.name for g in GRADIENT_METHODS if g.estimated] == ["spsa", "finite-diff"]
@@ -45,7 +45,7 @@ def test_a_backend_declaring_an_unknown_gradient_fails_when_declared():
 
 
 def test_config_errors_list_the_registered_names(tmp_path):
-    for field, value, allowed in (("task", "mountaincar", "cartpole, cartpole_pomdp, pendulum, qubit_meta, qubit_pulse"),
+    for field, value, allowed in (("task", "mountaincar", "cartpole, cartpole_pomdp, pendulum, pendulum_meta, qubit_meta, qubit_pulse"),
                                   ("backend", "qiskit", "classical, pennylane, tensorcircuit"),
                                   ("gradient", "shadow", "backprop, adjoint, parameter-shift, spsa, finite-diff")):
         fields = {"name": "e", "backend": "classical", "gradient": "backprop", field: value}
