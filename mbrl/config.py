@@ -70,11 +70,11 @@ class PulsePETSConfig(BaseModel):
     seed_episodes: int = Field(10, ge=2)
     """Episodes of uniformly random pulses before the first model is trained."""
     ensemble_size: int = Field(5, ge=1, le=64)
-    hidden: int = Field(64, ge=1, le=4096)
+    hidden: int = Field(128, ge=1, le=4096)
     layers: int = Field(2, ge=1, le=8)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    epochs: int = Field(30, ge=1)
+    epochs: int = Field(60, ge=1)
     """Passes over each member's bootstrap sample after every episode."""
     batch_size: int = Field(32, ge=1)
     holdout_fraction: float = Field(0.1, ge=0, lt=1)

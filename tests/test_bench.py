@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import bench
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,17 +79,22 @@ def test_unavailable_device_is_one_line_error(capsys, tmp_path, monkeypatch):
     assert capsys.readouterr().err.strip() == "error: --device: device 'cuda' requested but torch sees no CUDA device"
 
 
-def test_models_go_where_training_puts_them(monkeypatch):
-    """--device cuda: the MLP and PennyLane's torch interface go to the GPU, jax-simulated circuits stay on the CPU."""
+@pytest.mark.parametrize("jax_gpu", [False, True])
+def test_models_go_where_training_puts_them(monkeypatch, jax_gpu):
+    """--device cuda: the MLP goes to the GPU, the jax-simulated circuits where jax has a GPU,
+    PennyLane's torch interface stays on the CPU (it fails on CUDA tensors)."""
     import torch
 
     import models
+    import utils
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(utils, "jax_sees_gpu", lambda: jax_gpu)
     moved = []
     monkeypatch.setattr(models.PolicyModel, "to", lambda self, device: moved.append(device) or self, raising=False)
-    for backend, gradient, expected in [("classical", "backprop", "cuda"), ("pennylane-torch", "backprop", "cuda"),
-                                        ("tensorcircuit", "backprop", "cpu")]:
+    jax_device = "cuda" if jax_gpu else "cpu"
+    for backend, gradient, expected in [("classical", "backprop", "cuda"), ("pennylane-torch", "backprop", "cpu"),
+                                        ("tensorcircuit", "backprop", jax_device), ("pennylane", "backprop", jax_device)]:
         _, device = bench.placed_model(bench.reference_experiment(backend, gradient, "cuda"))
         assert device == expected and moved[-1] == expected
 
