@@ -29,6 +29,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -318,20 +319,21 @@ def _apply_ops(circuit, ops, angles) -> None:
 
 
 class _JaxCircuitFunction(torch.autograd.Function):
-    """torch autograd around the jitted forward and vector-Jacobian product of a
-    :class:`JaxJitCircuit` (what ``tc.interfaces.torch_interface`` does, plus padding, chunking
-    and compile accounting)."""
+    """torch autograd around a :class:`JaxJitCircuit` (what ``tc.interfaces.torch_interface``
+    does, plus padding, chunking and compile accounting). The forward pass runs one jitted call per
+    chunk that returns the expectation values and every row's Jacobian ``(N, O, G)``; the backward
+    pass contracts it with the incoming gradient in torch, so no circuit is simulated twice."""
 
     @staticmethod
     def forward(ctx, angles: torch.Tensor, backend: JaxJitCircuit) -> torch.Tensor:
-        ctx.backend = backend
-        ctx.save_for_backward(angles)
-        return backend._run(backend._jit_forward, angles, small=False)
+        values, jacobian = backend._run(backend._jit_value_and_jacobian, angles, small=False)
+        ctx.save_for_backward(jacobian)
+        return values
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        (angles,) = ctx.saved_tensors
-        return ctx.backend._run(ctx.backend._jit_vjp, angles, grad_output, small=False), None
+        (jacobian,) = ctx.saved_tensors
+        return torch.einsum("no,nog->ng", grad_output.to(jacobian.dtype), jacobian), None
 
 
 def use_tensorcircuit(math_backend: str):
@@ -376,7 +378,8 @@ class JaxJitCircuit(CircuitBackend):
         args, kwargs = self._constructor_args
         identity = f"{type(self).__qualname__}|{args!r}|{sorted(kwargs.items())!r}|{_MODULE_DIGEST}"
         self._jit_forward = ExportedFunction(jax.jit(batched), identity + "|forward", folder)
-        self._jit_vjp = ExportedFunction(jax.jit(lambda x, v: jax.vjp(batched, x)[1](v)[0]), identity + "|vjp", folder)
+        self._jit_value_and_jacobian = ExportedFunction(jax.jit(partial(value_and_row_jacobians, batched)),
+                                                        identity + "|jacobian", folder)
 
     @property
     def n_compiles(self) -> int | None:
@@ -412,8 +415,26 @@ class JaxJitCircuit(CircuitBackend):
             if JaxCompileMonitor.compiles != before:
                 self._n_compiles += JaxCompileMonitor.compiles - before
                 self.compile_s += time.perf_counter() - t0
-            outs.append(np.asarray(result)[: stop - start])
-        return torch.from_numpy(np.concatenate(outs)).to(device)
+            outs.append([np.asarray(r)[: stop - start] for r in (result if isinstance(result, tuple) else (result,))])
+        joined = tuple(torch.from_numpy(np.concatenate(parts)).to(device) for parts in zip(*outs))
+        return joined if isinstance(result, tuple) else joined[0]
+
+
+def value_and_row_jacobians(batched: Callable, angles):
+    """``batched(angles)`` ``(N, O)`` and its Jacobian row by row ``(N, O, G)``, in one pass.
+
+    Rows are independent circuits, so the cotangent that is ``e_o`` in every row gives the
+    gradient of observable ``o`` of every row at once: O backward passes (vmapped), against the
+    forward pass plus one backward pass per gradient call that a vector-Jacobian product after
+    the forward costs.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    values, pullback = jax.vjp(batched, angles)
+    basis = jnp.eye(values.shape[1], dtype=values.dtype)
+    jacobian = jax.vmap(lambda e: pullback(jnp.broadcast_to(e, values.shape))[0], out_axes=1)(basis)
+    return values, jacobian
 
 
 class TensorCircuitCircuit(JaxJitCircuit):
