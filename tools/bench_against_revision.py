@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.modules["models"] = models
         if type(before.circuit).__module__ != old.__name__:
             raise RuntimeError(f"the old model's circuit came from {type(before.circuit).__module__}, not {old.__name__}")
-        short = backend[:2]
+        short = {"tensorcircuit": "tc", "pennylane": "pl"}[backend]
         variants[f"{short} {args.revision}"] = (before, exp)
         variants[f"{short} now"] = (models.build_model(exp, 4, 2, seed=0), exp)
     unfused = bench.reference_experiment("tensorcircuit-unfused", "backprop")
