@@ -331,6 +331,7 @@ class _JaxCircuitFunction(torch.autograd.Function):
         return values
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no second order: differentiating again raises, never a silent zero
     def backward(ctx, grad_output: torch.Tensor):
         (jacobian,) = ctx.saved_tensors
         return torch.einsum("no,nog->ng", grad_output.to(jacobian.dtype), jacobian), None
