@@ -34,7 +34,9 @@ The row ``reference / hand-written`` is the limit: the same policy as a hand-wri
 state vector (tools/reference_statevector.py), numpy in and numpy out, in the forward, gradient and
 scaling tables; ``x limit`` is each row's time over the limit's, measured in the same process.
 ``pennylane`` is PennyLane on its fast path (jax interface under ``jax.jit``);
-``pennylane-torch`` is the torch interface with parameter broadcasting, for comparison.
+``pennylane-torch`` is the torch interface with parameter broadcasting, for comparison;
+``tensorcircuit-unfused`` is TensorCircuit with one gate per rotation (``tensorcircuit.fuse_gates:
+false``, the path before the fused 2x2 gates), for comparison.
 
 Times are medians over repeated calls after one warm-up call; ``x classical`` ratios are to the
 classical baseline measured in the same process. Results go to ``--out`` (bench.md, one CSV per section,
@@ -70,8 +72,9 @@ PENDULUM_CONFIG = ROOT / "configs" / "pendulum.yaml"
 META_SINGLE_CONFIG = ROOT / "configs" / "meta_single.yaml"
 REFERENCE = ("reference", "hand-written")
 #: Backends of the benchmark that are a configured variant of a project backend.
-VARIANTS = {"pennylane-torch": ("pennylane", {"pennylane": {"interface": "torch"}})}
-VARIANT_METHODS = {"pennylane-torch": ("backprop", "spsa")}
+VARIANTS = {"pennylane-torch": ("pennylane", {"pennylane": {"interface": "torch"}}),
+            "tensorcircuit-unfused": ("tensorcircuit", {"tensorcircuit": {"fuse_gates": False}})}
+VARIANT_METHODS = {"pennylane-torch": ("backprop", "spsa"), "tensorcircuit-unfused": ("backprop",)}
 EXPERIMENT_NAME = "benchmarks"
 
 

@@ -88,6 +88,9 @@ class PennyLaneConfig(_Strict):
 class TensorCircuitConfig(_Strict):
     math_backend: Literal["jax", "pytorch"] = "jax"
     """jax: scanned layers, jit + vmap, padded batch shapes; pytorch: torch autograd directly (MAML)."""
+    fuse_gates: bool = True
+    """jax: one closed-form 2x2 gate per qubit and layer (encodings folded in) and a probability
+    readout; false: one TensorCircuit gate per rotation (the earlier path, for comparison)."""
 
 
 class RayConfig(_Strict):

@@ -94,17 +94,20 @@ def test_circuits_load_their_traces_in_a_new_instance(tmp_path, monkeypatch, req
 
     def run(circuit):
         a = angles.clone().requires_grad_(True)
-        out = circuit(a)
+        out = circuit(a)  # values and Jacobians in one traced function
         (g,) = torch.autograd.grad(out.sum(), a)
+        with torch.no_grad():
+            plain = circuit(angles, update=True)  # the forward-only traced function
+        torch.testing.assert_close(plain, out.detach(), atol=1e-12, rtol=0)
         return out.detach(), g
 
     first = cls(spec)
     out1, g1 = run(first)
     second = cls(spec)
     out2, g2 = run(second)
-    assert first._jit_forward.exported == 1 and first._jit_vjp.exported == 1
-    assert (second._jit_forward.loaded, second._jit_vjp.loaded) == (1, 1)
-    assert (second._jit_forward.exported, second._jit_vjp.exported) == (0, 0)
+    assert first._jit_forward.exported == 1 and first._jit_value_and_jacobian.exported == 1
+    assert (second._jit_forward.loaded, second._jit_value_and_jacobian.loaded) == (1, 1)
+    assert (second._jit_forward.exported, second._jit_value_and_jacobian.exported) == (0, 0)
     assert torch.equal(out1, out2) and torch.equal(g1, g2)
 
 

@@ -90,6 +90,31 @@ def test_single_qubit_circuit_matches_closed_form():
     assert torch.allclose(out[:, 0], z, atol=1e-12) and torch.allclose(out[:, 1], -z, atol=1e-12)
 
 
+def test_fused_rotation_is_the_product_of_tensorcircuits_rotations():
+    """The closed-form 2x2 of the fused TensorCircuit path against TensorCircuit's own Rz @ Ry @ Rx
+    matrices, multiplied (and against the identity at zero angles)."""
+    from models import fused_rotation, use_tensorcircuit
+
+    tc = use_tensorcircuit("jax")
+    rng = np.random.default_rng(3)
+    for tx, ty, tz in [(0.0, 0.0, 0.0), *rng.uniform(-7, 7, (6, 3))]:
+        expected = np.asarray(tc.gates.rz_gate(tz).tensor @ tc.gates.ry_gate(ty).tensor @ tc.gates.rx_gate(tx).tensor)
+        np.testing.assert_allclose(np.asarray(fused_rotation(tx, ty, tz)), expected, atol=1e-14, rtol=0)
+    np.testing.assert_allclose(np.asarray(fused_rotation(0.0, 0.0, 0.0)), np.eye(2), atol=0)
+
+
+def test_jax_bridge_gradient_is_first_order_only():
+    """The bridge's backward pass contracts a stored Jacobian: differentiating the gradient again
+    must raise, never return a silent zero second-order term."""
+    from models import TensorCircuitCircuit
+
+    spec = CircuitSpec(2, 1, 4, ((1.0, (0, 1)), (-1.0, (0, 1))))
+    angles = torch.linspace(-1, 1, 2 * spec.n_gate_angles, dtype=torch.float64).reshape(2, -1).requires_grad_(True)
+    (g,) = torch.autograd.grad(TensorCircuitCircuit(spec)(angles).sum(), angles, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(g.sum(), angles)
+
+
 def test_functional_forward_matches_forward_for_every_backend():
     for backend in ("classical", "pennylane", "tensorcircuit"):
         exp = experiment(backend=backend, gradient="spsa", algorithm="dqn", model={"n_qubits": 2, "n_layers": 1, "hidden_sizes": [8]})

@@ -75,6 +75,7 @@ def test_reference_gradient_equals_its_central_differences(reference):
 
 @pytest.mark.parametrize("backend,extra", [
     ("tensorcircuit", {}),
+    ("tensorcircuit", {"tensorcircuit": {"fuse_gates": False}}),
     ("pennylane", {}),
     ("pennylane", {"pennylane": {"interface": "torch"}}),
     ("tensorcircuit", {"tensorcircuit": {"math_backend": "pytorch"}}),
