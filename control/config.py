@@ -59,5 +59,5 @@ def check_control(exp) -> None:
         raise ValueError("field 'model.observables': continuous control reads out <Z_i> on every qubit; leave it 'auto'")
     if exp.algorithm != "td3" and exp.control.policy_delay is not None:
         raise ValueError(f"field 'control.policy_delay': applies to algorithm 'td3' only; got {exp.algorithm!r}")
-    if exp.algorithm != "sac" and exp.control.ent_coef != "auto":
-        raise ValueError(f"field 'control.ent_coef': applies to algorithm 'sac' only; got {exp.algorithm!r}")
+    if exp.algorithm not in ("sac", "dyna") and exp.control.ent_coef != "auto":
+        raise ValueError(f"field 'control.ent_coef': applies to algorithms 'sac' and 'dyna' only; got {exp.algorithm!r}")

@@ -413,7 +413,12 @@ def initialise_jax() -> None:
 class ContinuousRun:
     """One run: the SB3 model, its environments, the evaluation and the checkpoints."""
 
-    def __init__(self, exp: ExperimentConfig, seed: int, reporter):
+    def __init__(self, exp: ExperimentConfig, seed: int, reporter, algorithm: str | None = None,
+                 sb3_kwargs: dict | None = None):
+        """``algorithm``: the SB3 algorithm when it is not ``exp.algorithm`` (Dyna runs SAC);
+        ``sb3_kwargs``: extra arguments of its constructor (Dyna's replay buffer class)."""
+        algorithm = algorithm or exp.algorithm
+        self.algorithm = algorithm
         self.quantum = BACKENDS.get(exp.backend).is_circuit
         if self.quantum:
             initialise_jax()
@@ -423,7 +428,7 @@ class ContinuousRun:
         self.eval_env = DummyVecEnv([lambda: Monitor(make_env(exp)) for _ in range(self.cfg.eval_episodes)])
         obs_space, act_space = self.env.observation_space, self.env.action_space
         n_inputs, n_actions = int(np.prod(obs_space.shape)), get_action_dim(act_space)
-        n_out = 2 * n_actions if exp.algorithm == "sac" else n_actions
+        n_out = 2 * n_actions if algorithm == "sac" else n_actions
         scale = input_scale(obs_space)
 
         def body() -> ActorBody:
@@ -435,19 +440,22 @@ class ContinuousRun:
         kwargs = {k: getattr(self.cfg, k) for k in ("learning_rate", "buffer_size", "learning_starts", "batch_size",
                                                      "tau", "gamma", "train_freq", "gradient_steps")
                   if getattr(self.cfg, k) is not None}
-        if exp.algorithm == "sac":
+        if algorithm == "sac":
             kwargs["ent_coef"] = self.cfg.ent_coef
-        if exp.algorithm == "td3" and self.cfg.policy_delay is not None:
+        if algorithm == "td3" and self.cfg.policy_delay is not None:
             kwargs["policy_delay"] = self.cfg.policy_delay
         if self.cfg.action_noise_std is not None:
             kwargs["action_noise"] = NormalActionNoise(np.zeros(n_actions), self.cfg.action_noise_std * np.ones(n_actions))
-        policy = ProjectSACPolicy if exp.algorithm == "sac" else ProjectTD3Policy
-        self.model = ALGORITHMS[exp.algorithm](policy, self.env, policy_kwargs=policy_kwargs, seed=seed, device="cpu",
-                                               verbose=0, **kwargs)
+        kwargs.update(sb3_kwargs or {})
+        policy = ProjectSACPolicy if algorithm == "sac" else ProjectTD3Policy
+        self.model = ALGORITHMS[algorithm](policy, self.env, policy_kwargs=policy_kwargs, seed=seed, device="cpu",
+                                           verbose=0, **kwargs)
         self.output = ReporterOutput(reporter)
         self.model.set_logger(Logger(folder=None, output_formats=[self.output]))
         self.bodies = actor_bodies(self.model)
         self.callback = ControlCallback(self)
+        self.extra_callbacks: list[BaseCallback] = []
+        """Called after :attr:`callback` at every environment step (Dyna's model fits and rollouts)."""
         self.model.actor.optimizer.register_step_pre_hook(self.callback.grad_norm_hook)
         self.history = History()
         self.threshold = self.cfg.threshold if self.cfg.threshold is not None else THRESHOLDS[exp.task]
@@ -572,7 +580,8 @@ class ContinuousRun:
         remaining = self.total_steps - self.model.num_timesteps
         if remaining > 0:
             # log_interval=None: SB3 dumps nothing itself; ControlCallback.flush dumps once per step
-            self.model.learn(remaining, callback=self.callback, log_interval=None,
+            callback = [self.callback, *self.extra_callbacks] if self.extra_callbacks else self.callback
+            self.model.learn(remaining, callback=callback, log_interval=None,
                              reset_num_timesteps=self.model._last_obs is None)
         self.callback.flush(final=True)  # the last evaluation, episode and updates
 
@@ -726,6 +735,15 @@ class ContinuousResult:
         return {"learning_curve.png": fig}
 
 
+def finish_continuous(run: ContinuousRun) -> ContinuousResult:
+    """The result of a run that has learned (also Dyna's, mbrl/dyna.py)."""
+    m = run.model
+    return ContinuousResult(run.exp, run.history, m.num_timesteps, m._n_updates, m._episode_num, run.grad_evals,
+                            run.total_evals, run.elapsed_s, run.threshold,
+                            {k: v.detach().cpu().clone() for k, v in m.policy.state_dict().items()},
+                            compile_metrics(run.bodies[0].model))
+
+
 def train_continuous(exp: ExperimentConfig, seed: int, reporter, resume: dict | None = None) -> ContinuousResult:
     """Train one pendulum / qubit_pulse experiment with one seed (``resume``: a checkpoint of it)."""
     run = ContinuousRun(exp, seed, reporter)
@@ -736,10 +754,7 @@ def train_continuous(exp: ExperimentConfig, seed: int, reporter, resume: dict | 
             run.restore(resume)
         run.learn()
         m = run.model
-        result = ContinuousResult(exp, run.history, m.num_timesteps, m._n_updates, m._episode_num, run.grad_evals,
-                                  run.total_evals, run.elapsed_s, run.threshold,
-                                  {k: v.detach().cpu().clone() for k, v in m.policy.state_dict().items()},
-                                  compile_metrics(run.bodies[0].model))
+        result = finish_continuous(run)
         if exp.task == "qubit_pulse":
             result.pulse = deterministic_pulse(m, exp)
             result.extra = pulse_baselines(exp, seed, result.pulse)

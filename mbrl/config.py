@@ -1,4 +1,4 @@
-"""PETS settings: a small pydantic model the task plug-in embeds as its ``pets`` section.
+"""PETS and Dyna settings: small pydantic models the task plug-in embeds as its ``pets`` and ``dyna`` sections.
 
 Settings that cannot plan (elites above the population, a zero horizon, particles that do not
 split evenly over the ensemble) are refused with one line naming the field, before any run starts.
@@ -92,4 +92,69 @@ class PulsePETSConfig(BaseModel):
     def _consistent(self) -> PulsePETSConfig:
         if self.elites > self.population:
             raise ValueError(f"elites ({self.elites}) must be at most population ({self.population})")
+        return self
+
+
+class DynaConfig(BaseModel):
+    """Dyna (MBPO-style, Janner et al. 2019) on top of SB3's SAC: the model settings and the
+    model-rollout schedule. SAC's own settings (batch size, ``gradient_steps`` = updates per
+    environment step, learning rate, ``total_steps``) stay in the ``control`` section.
+
+    Rollout length: ``k_min`` up to env step ``schedule_start``, then linear up to ``k_max`` at
+    ``schedule_end`` (rounded down), ``k_max`` after; ``k_min == k_max`` is a fixed length.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    ensemble_size: int = Field(5, ge=1, le=64)
+    hidden: int = Field(64, ge=1, le=4096)
+    layers: int = Field(3, ge=1, le=8)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(5e-5, ge=0)
+    epochs: int = Field(5, ge=1)
+    """Passes over each member's bootstrap sample of the real buffer at every model fit."""
+    batch_size: int = Field(64, ge=1)
+    """The model's batch size (SAC's is ``control.batch_size``)."""
+    holdout_fraction: float = Field(0.1, ge=0, lt=1)
+    """Share of real transitions (by replay-buffer slot) never fitted on; the model NLL is measured on them."""
+    model_train_every: int = Field(250)
+    """Environment steps between model fits; each fit is followed by a batch of model rollouts."""
+    rollouts_per_step: int = Field(20)
+    """Model rollouts per environment step: ``rollouts_per_step * model_train_every`` after every fit."""
+    k_min: int = Field(1)
+    k_max: int = Field(5)
+    schedule_start: int = Field(1000)
+    schedule_end: int = Field(4000)
+    model_buffer_size: int = Field(100_000)
+    """Model transitions kept (oldest dropped first)."""
+    real_ratio: float = Field(0.1)
+    """Share of every SAC batch drawn from the real buffer (rounded to whole rows); the rest from the model buffer."""
+
+    @field_validator("model_train_every", "rollouts_per_step", "k_min", "k_max", "model_buffer_size")
+    @classmethod
+    def _positive(cls, value: int, info) -> int:
+        if value < 1:
+            raise ValueError(f"{info.field_name} must be a positive integer, got {value}")
+        return value
+
+    @field_validator("schedule_start", "schedule_end")
+    @classmethod
+    def _non_negative(cls, value: int, info) -> int:
+        if value < 0:
+            raise ValueError(f"{info.field_name} must be a non-negative environment step, got {value}")
+        return value
+
+    @field_validator("real_ratio")
+    @classmethod
+    def _ratio(cls, value: float) -> float:
+        if not 0 < value <= 1:
+            raise ValueError(f"real_ratio must be in (0, 1], got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DynaConfig":
+        if self.k_min > self.k_max:
+            raise ValueError(f"k_min ({self.k_min}) must be at most k_max ({self.k_max})")
+        if self.schedule_start >= self.schedule_end:
+            raise ValueError(f"schedule_start ({self.schedule_start}) must be below schedule_end ({self.schedule_end})")
         return self

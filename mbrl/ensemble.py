@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
@@ -110,3 +111,32 @@ class GaussianEnsemble(nn.Module):
 
 def gaussian_nll(mean: torch.Tensor, logvar: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 0.5 * (logvar + (y - mean) ** 2 * torch.exp(-logvar) + torch.log(torch.tensor(2 * torch.pi, dtype=mean.dtype)))
+
+
+def fit_bootstrap(ensemble: GaussianEnsemble, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                  epochs: int, batch_size: int, rng: np.random.Generator) -> None:
+    """Refit the input normaliser on ``x`` ``(n, in)``, then ``epochs`` passes of minibatch NLL over each
+    member's own bootstrap sample of ``(x, y)`` (drawn afresh at every call, all members in one batch)."""
+    ensemble.fit_normalizer(x)
+    n, e = len(x), ensemble.size
+    boot = rng.integers(0, n, size=(e, n))
+    for _ in range(epochs):
+        order = np.stack([rng.permutation(row) for row in boot])
+        for start in range(0, n, batch_size):
+            idx = torch.as_tensor(order[:, start : start + batch_size])
+            loss = ensemble.loss(x[idx], y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"ensemble loss is not finite ({loss.item()})")
+
+
+@torch.no_grad()
+def holdout_metrics(ensemble: GaussianEnsemble, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """On held-out ``(x, y)``: the NLL (per dimension, members averaged) and the disagreement (variance
+    of the members' means across members, summed over dimensions, averaged over transitions)."""
+    mean, logvar = ensemble(x.expand(ensemble.size, -1, -1))
+    nll = gaussian_nll(mean, logvar, y.expand(ensemble.size, -1, -1)).mean().item()
+    disagreement = mean.var(0, unbiased=False).sum(-1).mean().item()
+    return nll, disagreement

@@ -22,7 +22,7 @@ import torch
 
 from mbrl.cem import CEMPlanner, trajectory_returns
 from mbrl.config import PETSConfig
-from mbrl.ensemble import GaussianEnsemble, gaussian_nll
+from mbrl.ensemble import GaussianEnsemble, fit_bootstrap, holdout_metrics
 from train import NullReporter
 from utils import seed_streams
 
@@ -123,35 +123,14 @@ class _Data:
 
 def _fit(ensemble: GaussianEnsemble, opt: torch.optim.Optimizer, data: _Data, cfg: PETSConfig,
          rng: np.random.Generator) -> None:
-    x = torch.as_tensor(np.stack(data.train_x))
-    y = torch.as_tensor(np.stack(data.train_y))
-    ensemble.fit_normalizer(x)
-    n, e = len(x), ensemble.size
-    boot = rng.integers(0, n, size=(e, n))  # each member's bootstrap sample, fresh each fit
-    for _ in range(cfg.epochs):
-        order = np.stack([rng.permutation(row) for row in boot])
-        for start in range(0, n, cfg.batch_size):
-            idx = torch.as_tensor(order[:, start : start + cfg.batch_size])
-            loss = ensemble.loss(x[idx], y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"ensemble loss is not finite ({loss.item()})")
+    fit_bootstrap(ensemble, opt, torch.as_tensor(np.stack(data.train_x)), torch.as_tensor(np.stack(data.train_y)),
+                  cfg.epochs, cfg.batch_size, rng)
 
 
-@torch.no_grad()
 def _model_metrics(ensemble: GaussianEnsemble, data: _Data) -> tuple[float, float]:
-    """Held-out NLL (per dimension, members averaged) and disagreement (variance of the members'
-    means across members, summed over dimensions, averaged over held-out transitions)."""
     if not data.hold_x:
         return float("nan"), float("nan")
-    x = torch.as_tensor(np.stack(data.hold_x)).expand(ensemble.size, -1, -1)
-    y = torch.as_tensor(np.stack(data.hold_y)).expand(ensemble.size, -1, -1)
-    mean, logvar = ensemble(x)
-    nll = gaussian_nll(mean, logvar, y).mean().item()
-    disagreement = mean.var(0, unbiased=False).sum(-1).mean().item()
-    return nll, disagreement
+    return holdout_metrics(ensemble, torch.as_tensor(np.stack(data.hold_x)), torch.as_tensor(np.stack(data.hold_y)))
 
 
 class _Agent:
