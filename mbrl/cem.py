@@ -4,7 +4,8 @@
 action sequences (higher is better) inside box bounds. :func:`trajectory_returns` is the PETS
 objective: each candidate is propagated as ``particles`` sampled trajectories, particle ``p``
 always by member ``p % ensemble_size`` (TS-inf), every step of all particles one batched call of
-the ensemble; the return is the known reward summed over the horizon, averaged over particles.
+the ensemble; the return is the known reward summed over the horizon (one batched call over all
+steps at the end), averaged over particles.
 """
 
 from __future__ import annotations
@@ -56,13 +57,16 @@ def trajectory_returns(ensemble: GaussianEnsemble, reward: Callable[[torch.Tenso
         raise ValueError(f"particles ({particles}) must be a multiple of the ensemble size ({e})")
     pop, horizon, act_dim = actions.shape
     per = particles // e
-    # state rows laid out (member, pop, per): row block m is propagated by member m
-    state = obs.to(actions.dtype).expand(e, pop * per, -1).clone()
-    acts = actions.unsqueeze(0).unsqueeze(2).expand(e, pop, per, horizon, act_dim).reshape(e, pop * per, horizon, act_dim)
-    total = torch.zeros(e, pop * per, dtype=actions.dtype)
-    for t in range(horizon):
-        a = acts[:, :, t]
-        total = total + reward(state, a)
-        mean, logvar = ensemble(torch.cat([state, a], dim=-1))
-        state = state + mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+    n = pop * per
+    # rows laid out (member, pop, per): row block m is propagated by member m; the actions of every
+    # step as one view (horizon, e, n, act_dim), the noise of every step as one draw
+    acts = actions.transpose(0, 1).repeat_interleave(per, dim=1).unsqueeze(1).expand(horizon, e, n, act_dim)
+    state = obs.to(actions.dtype).expand(e, n, -1)
+    noise = torch.randn((horizon, e, n, state.shape[-1]), generator=generator, dtype=actions.dtype)
+    states = [state]
+    for t in range(horizon - 1):  # the last step's next state earns no reward within the horizon
+        mean, logvar = ensemble(torch.cat([state, acts[t]], dim=-1))
+        state = torch.addcmul(state + mean, torch.exp(0.5 * logvar), noise[t])
+        states.append(state)
+    total = reward(torch.stack(states), acts).sum(0)  # the reward of every step in one batched call
     return total.reshape(e, pop, per).mean(dim=(0, 2))

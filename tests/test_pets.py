@@ -34,6 +34,14 @@ def test_vmapped_ensemble_equals_loop_over_members():
     assert mean.shape == (4, 33, 3)
     torch.testing.assert_close(mean, ref_mean, rtol=0, atol=1e-12)
     torch.testing.assert_close(logvar, ref_logvar, rtol=0, atol=1e-12)
+    vmap_mean, vmap_logvar = ens.forward_vmap(x)  # torch.func's batched call agrees too
+    torch.testing.assert_close(mean, vmap_mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(logvar, vmap_logvar, rtol=0, atol=1e-12)
+    # gradients through the baddbmm path equal the member loop's
+    g = torch.autograd.grad(ens(x)[0].sum() + ens(x)[1].sum(), list(ens.params.values()))
+    g_ref = torch.autograd.grad(sum(t.sum() for t in ens.forward_member_loop(x)), list(ens.params.values()))
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
     # the members differ (each has its own weights): the batch is not one member repeated
     assert not torch.allclose(mean[0], mean[1])
 
