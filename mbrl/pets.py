@@ -143,7 +143,7 @@ class _Agent:
     def reset(self) -> None:
         self.mean = self.planner.initial_mean()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def act(self, obs: np.ndarray) -> np.ndarray:
         o = torch.as_tensor(obs, dtype=torch.float32)
 
@@ -252,9 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="PETS on Pendulum-v1 (defaults: mbrl.config.PETSConfig)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--env-steps", type=int, default=PETSConfig().env_steps)
+    parser.add_argument("--horizon", type=int, default=PETSConfig().horizon)
+    parser.add_argument("--eval-episodes", type=int, default=PETSConfig().eval_episodes)
     parser.add_argument("--out", type=Path, default=None, help="folder for the figures and results.json")
     args = parser.parse_args(argv)
-    cfg = PETSConfig(env_steps=args.env_steps)
+    cfg = PETSConfig(env_steps=args.env_steps, horizon=args.horizon, eval_episodes=args.eval_episodes)
     rows = []
     for seed in args.seeds:
         result = train_pets(cfg, seed, _PrintReporter())
