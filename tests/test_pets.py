@@ -206,13 +206,13 @@ def test_tiny_run_is_deterministic_per_seed():
     assert {"pets/episode_return", "pets/model_nll_holdout", "pets/ensemble_disagreement"} <= set(rec.logged[0][1])
     assert "pets/plan_ms_per_step" in rec.logged[1][1]
     assert rec.logged[2][1] == {"eval/return": a.final_metrics()["final/eval_return"]}
-    timing = {"final/plan_ms_per_step", "final/plan_ms_per_step_median", "final/train_s"}
+    timing = {"final/plan_ms_per_step", "final/plan_ms_per_step_median", "final/plan_cpu_ms_per_step", "final/train_s"}
     fa, fb, fc = ({k: v for k, v in r.final_metrics().items() if k not in timing} for r in (a, b, c))
     assert fa == fb
     assert fa != fc
     assert fa["final/env_steps"] == 300 and a.final_step == 300
     assert a.episode_end_steps == [200, 300]
-    assert len(a.plan_ms) == 100  # planned steps: those after the 200 random seed steps
+    assert len(a.plan_ms) == len(a.plan_cpu_ms) == 100  # planned steps: those after the 200 random seed steps
     assert math.isfinite(fa["final/eval_return"]) and math.isfinite(fa["final/model_nll_holdout"])
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
