@@ -15,8 +15,13 @@ that :class:`MixedReplayBuffer` keeps beside SB3's real one; its ``sample`` (cal
 Pendulum-v1 never terminates (episodes end by the time limit), so model transitions carry
 ``done = 0``. Metrics (against the environment step): SAC's ``rollout/``, ``train/``, ``eval/``
 (control/sb3.py), and per model fit ``dyna/model_nll_holdout``, ``dyna/ensemble_disagreement``,
-``dyna/rollout_length``, ``dyna/model_transitions_added``, ``dyna/model_transitions``,
-``dyna/model_fit_s``, ``dyna/rollout_s``.
+``dyna/rollout_length``, ``dyna/model_transitions_added``, ``dyna/model_transitions`` (cumulative),
+``dyna/model_buffer_fill``, ``dyna/model_fit_s``, ``dyna/rollout_s``; at the end ``final/eval_return``,
+``final/env_steps`` (SAC's) and ``final/model_nll_holdout``, ``final/ensemble_disagreement``,
+``final/model_fits``, ``final/model_transitions``.
+
+The actor is classical: the task refuses Dyna on circuit backends (the SAC circuit actor of
+control/sb3.py would run every model rollout through the circuit; not measured).
 """
 
 from __future__ import annotations
