@@ -49,7 +49,7 @@ class PETSConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "PETSConfig":
+    def _consistent(self) -> PETSConfig:
         if self.elites > self.population:
             raise ValueError(f"elites ({self.elites}) must be at most population ({self.population})")
         if self.particles % self.ensemble_size:
@@ -152,7 +152,7 @@ class DynaConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "DynaConfig":
+    def _consistent(self) -> DynaConfig:
         if self.k_min > self.k_max:
             raise ValueError(f"k_min ({self.k_min}) must be at most k_max ({self.k_max})")
         if self.schedule_start >= self.schedule_end:
