@@ -29,8 +29,7 @@ import torch
 
 from mbrl.cem import CEMPlanner
 from mbrl.config import PulsePETSConfig
-from mbrl.ensemble import GaussianEnsemble
-from mbrl.pets import _fit, _model_metrics
+from mbrl.ensemble import GaussianEnsemble, fit_bootstrap, holdout_metrics
 from utils import seed_streams
 
 ENV_ID = "QubitPulse-v0"
@@ -116,8 +115,7 @@ class PulsePETSResult:
 
 
 class _Episodes:
-    """(pulse scaled to [-1, 1], reward) pairs split once, at insertion, into training and held-out
-    sets: the data layout :func:`mbrl.pets._fit` and :func:`mbrl.pets._model_metrics` read."""
+    """(pulse scaled to [-1, 1], reward) pairs split once, at insertion, into training and held-out sets."""
 
     def __init__(self, holdout_fraction: float, rng: np.random.Generator):
         self.fraction, self.rng = holdout_fraction, rng
@@ -134,6 +132,17 @@ class _Episodes:
         else:
             self.train_x.append(x.astype(np.float32))
             self.train_y.append(y)
+
+    def fit(self, ensemble: GaussianEnsemble, opt: torch.optim.Optimizer, cfg: PulsePETSConfig) -> None:
+        fit_bootstrap(ensemble, opt, torch.as_tensor(np.stack(self.train_x)), torch.as_tensor(np.stack(self.train_y)),
+                      cfg.epochs, cfg.batch_size, self.rng)
+
+    @torch.no_grad()
+    def holdout_metrics(self, ensemble: GaussianEnsemble) -> tuple[float, float]:
+        """(held-out NLL, ensemble disagreement); nan before the first held-out episode."""
+        if not self.hold_x:
+            return math.nan, math.nan
+        return holdout_metrics(ensemble, torch.as_tensor(np.stack(self.hold_x)), torch.as_tensor(np.stack(self.hold_y)))
 
 
 def plan_pulse(ensemble: GaussianEnsemble, planner: CEMPlanner, generator: torch.Generator,
@@ -215,8 +224,8 @@ def train_pets_pulse(exp, seed: int, reporter, resume: dict | None = None) -> Pu
         result.episode_fidelities.append(float(info["fidelity"]))
         metrics = {"pets/episode_reward": float(reward), "pets/episode_fidelity": float(info["fidelity"])}
         if episode + 1 >= cfg.seed_episodes and len(data.train_x) > 1:
-            _fit(ensemble, opt, data, cfg, data_rng)
-            nll, dis = _model_metrics(ensemble, data)
+            data.fit(ensemble, opt, cfg)
+            nll, dis = data.holdout_metrics(ensemble)
             result.holdout_nll.append((step, nll))
             result.disagreement.append((step, dis))
             metrics.update({"pets/model_nll_holdout": nll, "pets/ensemble_disagreement": dis})

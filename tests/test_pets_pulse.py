@@ -14,7 +14,6 @@ from config_schema import ConfigError, load_config
 from mbrl.cem import CEMPlanner
 from mbrl.config import PulsePETSConfig
 from mbrl.ensemble import GaussianEnsemble
-from mbrl.pets import _fit
 from mbrl.pulse import _Episodes, plan_pulse, train_pets_pulse
 from train import NullReporter
 
@@ -45,7 +44,7 @@ def test_planner_finds_the_optimum_of_a_learnt_reward():
         data.add(x, float(-np.sum((x - target) ** 2) + 0.01 * rng.normal()))
     gen = torch.Generator().manual_seed(0)
     ensemble = GaussianEnsemble(3, 6, 1, cfg.hidden, cfg.layers, generator=gen)
-    _fit(ensemble, torch.optim.Adam(ensemble.parameters(), lr=3e-3), data, cfg, rng)
+    data.fit(ensemble, torch.optim.Adam(ensemble.parameters(), lr=3e-3), cfg)
     planner = CEMPlanner(3, cfg.population, cfg.elites, cfg.iterations, -torch.ones(2), torch.ones(2), cfg.alpha)
     plan = plan_pulse(ensemble, planner, gen)
     assert plan.shape == (3, 2)
