@@ -164,3 +164,36 @@ def holdout_metrics(ensemble: GaussianEnsemble, x: torch.Tensor, y: torch.Tensor
     nll = gaussian_nll(mean, logvar, y.expand(ensemble.size, -1, -1)).mean().item()
     disagreement = mean.var(0, unbiased=False).sum(-1).mean().item()
     return nll, disagreement
+
+
+class HoldoutData:
+    """Model inputs and targets split once, at insertion, into training and held-out sets
+    (``holdout_fraction`` of them held out at random): what PETS and the pulse planner fit and score."""
+
+    def __init__(self, holdout_fraction: float, rng: np.random.Generator):
+        self.fraction, self.rng = holdout_fraction, rng
+        self.train_x: list[np.ndarray] = []
+        self.train_y: list[np.ndarray] = []
+        self.hold_x: list[np.ndarray] = []
+        self.hold_y: list[np.ndarray] = []
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        x, y = np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.float32)
+        if self.fraction and self.rng.random() < self.fraction:
+            self.hold_x.append(x)
+            self.hold_y.append(y)
+        else:
+            self.train_x.append(x)
+            self.train_y.append(y)
+
+    def fit(self, ensemble: GaussianEnsemble, opt: torch.optim.Optimizer, epochs: int, batch_size: int) -> None:
+        """:func:`fit_bootstrap` on the training set, drawing from this data's generator."""
+        fit_bootstrap(ensemble, opt, torch.as_tensor(np.stack(self.train_x)), torch.as_tensor(np.stack(self.train_y)),
+                      epochs, batch_size, self.rng)
+
+    @torch.no_grad()
+    def holdout_metrics(self, ensemble: GaussianEnsemble) -> tuple[float, float]:
+        """:func:`holdout_metrics` on the held-out set; nan, nan while it is empty."""
+        if not self.hold_x:
+            return float("nan"), float("nan")
+        return holdout_metrics(ensemble, torch.as_tensor(np.stack(self.hold_x)), torch.as_tensor(np.stack(self.hold_y)))

@@ -22,7 +22,7 @@ import torch
 
 from mbrl.cem import CEMPlanner, trajectory_returns
 from mbrl.config import PETSConfig
-from mbrl.ensemble import GaussianEnsemble, fit_bootstrap, holdout_metrics
+from mbrl.ensemble import GaussianEnsemble, HoldoutData
 from train import NullReporter
 from utils import seed_streams
 
@@ -104,39 +104,6 @@ class PETSResult:
         return {"pets_learning.png": fig}
 
 
-class _Data:
-    """Transitions split once, at insertion, into training and held-out sets."""
-
-    def __init__(self, holdout_fraction: float, rng: np.random.Generator):
-        self.fraction, self.rng = holdout_fraction, rng
-        self.train_x: list[np.ndarray] = []
-        self.train_y: list[np.ndarray] = []
-        self.hold_x: list[np.ndarray] = []
-        self.hold_y: list[np.ndarray] = []
-
-    def add(self, obs, action, next_obs) -> None:
-        x = np.concatenate([obs, action]).astype(np.float32)
-        y = (next_obs - obs).astype(np.float32)
-        if self.fraction and self.rng.random() < self.fraction:
-            self.hold_x.append(x)
-            self.hold_y.append(y)
-        else:
-            self.train_x.append(x)
-            self.train_y.append(y)
-
-
-def _fit(ensemble: GaussianEnsemble, opt: torch.optim.Optimizer, data: _Data, cfg: PETSConfig,
-         rng: np.random.Generator) -> None:
-    fit_bootstrap(ensemble, opt, torch.as_tensor(np.stack(data.train_x)), torch.as_tensor(np.stack(data.train_y)),
-                  cfg.epochs, cfg.batch_size, rng)
-
-
-def _model_metrics(ensemble: GaussianEnsemble, data: _Data) -> tuple[float, float]:
-    if not data.hold_x:
-        return float("nan"), float("nan")
-    return holdout_metrics(ensemble, torch.as_tensor(np.stack(data.hold_x)), torch.as_tensor(np.stack(data.hold_y)))
-
-
 class _Agent:
     def __init__(self, ensemble: GaussianEnsemble, cfg: PETSConfig, generator: torch.Generator):
         lo, hi = torch.tensor([-MAX_TORQUE]), torch.tensor([MAX_TORQUE])
@@ -178,7 +145,7 @@ def train_pets(exp, seed: int, reporter, resume: dict | None = None) -> PETSResu
     ensemble = GaussianEnsemble(cfg.ensemble_size, 4, 3, cfg.hidden, cfg.layers, generator=streams["pets/init"].torch())
     opt = torch.optim.Adam(ensemble.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     data_rng = streams["pets/data"].numpy()
-    data = _Data(cfg.holdout_fraction, data_rng)
+    data = HoldoutData(cfg.holdout_fraction, data_rng)  # inputs (obs, action), targets next_obs - obs
     explore = streams["pets/explore"].numpy()
     agent = _Agent(ensemble, cfg, streams["pets/plan"].torch())
     result = PETSResult(cfg, ensemble)
@@ -197,7 +164,7 @@ def train_pets(exp, seed: int, reporter, resume: dict | None = None) -> PETSResu
         else:
             action = explore.uniform(-MAX_TORQUE, MAX_TORQUE, size=1).astype(np.float32)
         next_obs, reward, terminated, truncated, _ = env.step(action)
-        data.add(obs, action, next_obs)
+        data.add(np.concatenate([obs, action]), next_obs - obs)
         ep_return += float(reward)
         obs = next_obs
         done = terminated or truncated
@@ -209,9 +176,9 @@ def train_pets(exp, seed: int, reporter, resume: dict | None = None) -> PETSResu
                 metrics["pets/plan_ms_per_step"] = float(np.mean(result.plan_ms[-200:]))
                 metrics["pets/plan_cpu_ms_per_step"] = float(np.mean(result.plan_cpu_ms[-200:]))
             if step >= cfg.seed_steps and len(data.train_x) > 1:
-                _fit(ensemble, opt, data, cfg, data_rng)
+                data.fit(ensemble, opt, cfg.epochs, cfg.batch_size)
                 trained = True
-                nll, dis = _model_metrics(ensemble, data)
+                nll, dis = data.holdout_metrics(ensemble)
                 result.holdout_nll.append((step, nll))
                 result.disagreement.append((step, dis))
                 metrics.update({"pets/model_nll_holdout": nll, "pets/ensemble_disagreement": dis})

@@ -29,7 +29,7 @@ import torch
 
 from mbrl.cem import CEMPlanner
 from mbrl.config import PulsePETSConfig
-from mbrl.ensemble import GaussianEnsemble, fit_bootstrap, holdout_metrics
+from mbrl.ensemble import GaussianEnsemble, HoldoutData
 from utils import seed_streams
 
 ENV_ID = "QubitPulse-v0"
@@ -114,37 +114,6 @@ class PulsePETSResult:
         return {"pets_pulse_learning.png": fig}
 
 
-class _Episodes:
-    """(pulse scaled to [-1, 1], reward) pairs split once, at insertion, into training and held-out sets."""
-
-    def __init__(self, holdout_fraction: float, rng: np.random.Generator):
-        self.fraction, self.rng = holdout_fraction, rng
-        self.train_x: list[np.ndarray] = []
-        self.train_y: list[np.ndarray] = []
-        self.hold_x: list[np.ndarray] = []
-        self.hold_y: list[np.ndarray] = []
-
-    def add(self, x: np.ndarray, reward: float) -> None:
-        y = np.asarray([reward], dtype=np.float32)
-        if self.fraction and self.rng.random() < self.fraction:
-            self.hold_x.append(x.astype(np.float32))
-            self.hold_y.append(y)
-        else:
-            self.train_x.append(x.astype(np.float32))
-            self.train_y.append(y)
-
-    def fit(self, ensemble: GaussianEnsemble, opt: torch.optim.Optimizer, cfg: PulsePETSConfig) -> None:
-        fit_bootstrap(ensemble, opt, torch.as_tensor(np.stack(self.train_x)), torch.as_tensor(np.stack(self.train_y)),
-                      cfg.epochs, cfg.batch_size, self.rng)
-
-    @torch.no_grad()
-    def holdout_metrics(self, ensemble: GaussianEnsemble) -> tuple[float, float]:
-        """(held-out NLL, ensemble disagreement); nan before the first held-out episode."""
-        if not self.hold_x:
-            return math.nan, math.nan
-        return holdout_metrics(ensemble, torch.as_tensor(np.stack(self.hold_x)), torch.as_tensor(np.stack(self.hold_y)))
-
-
 def plan_pulse(ensemble: GaussianEnsemble, planner: CEMPlanner, generator: torch.Generator,
                member: int | None = None) -> torch.Tensor:
     """The pulse ``(n_segments, 2)`` in [-1, 1] that maximises the predicted reward of one member
@@ -182,7 +151,7 @@ def train_pets_pulse(exp, seed: int, reporter, resume: dict | None = None) -> Pu
     ensemble = GaussianEnsemble(cfg.ensemble_size, 2 * n_seg, 1, cfg.hidden, cfg.layers, generator=streams["pets/init"].torch())
     opt = torch.optim.Adam(ensemble.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     data_rng = streams["pets/data"].numpy()
-    data = _Episodes(cfg.holdout_fraction, data_rng)
+    data = HoldoutData(cfg.holdout_fraction, data_rng)  # inputs: pulses scaled to [-1, 1]; targets: rewards
     explore = streams["pets/explore"].numpy()
     plan_gen = streams["pets/plan"].torch()
     planner = CEMPlanner(n_seg, cfg.population, cfg.elites, cfg.iterations, -torch.ones(2), torch.ones(2), cfg.alpha)
@@ -219,12 +188,12 @@ def train_pets_pulse(exp, seed: int, reporter, resume: dict | None = None) -> Pu
         step += n_seg
         if not terminated:
             raise RuntimeError("QubitPulse-v0 did not end after n_segments steps")
-        data.add(scaled.reshape(-1), float(reward))
+        data.add(scaled.reshape(-1), [reward])
         result.episode_rewards.append(float(reward))
         result.episode_fidelities.append(float(info["fidelity"]))
         metrics = {"pets/episode_reward": float(reward), "pets/episode_fidelity": float(info["fidelity"])}
         if episode + 1 >= cfg.seed_episodes and len(data.train_x) > 1:
-            data.fit(ensemble, opt, cfg)
+            data.fit(ensemble, opt, cfg.epochs, cfg.batch_size)
             nll, dis = data.holdout_metrics(ensemble)
             result.holdout_nll.append((step, nll))
             result.disagreement.append((step, dis))

@@ -14,7 +14,8 @@ from config_schema import ConfigError, load_config
 from mbrl.cem import CEMPlanner
 from mbrl.config import PulsePETSConfig
 from mbrl.ensemble import GaussianEnsemble
-from mbrl.pulse import _Episodes, plan_pulse, train_pets_pulse
+from mbrl.ensemble import HoldoutData
+from mbrl.pulse import plan_pulse, train_pets_pulse
 from train import NullReporter
 
 NOISE = {"dist_type": "log_uniform", "model_types": ["one_over_f"], "simulation": "markovian",
@@ -38,13 +39,13 @@ def test_planner_finds_the_optimum_of_a_learnt_reward():
     rng = np.random.default_rng(0)
     target = np.array([0.5, -0.3, 0.2, 0.6, -0.7, 0.1])
     cfg = PulsePETSConfig(epochs=150, hidden=64, population=300, elites=30, iterations=6)
-    data = _Episodes(0.0, rng)
+    data = HoldoutData(0.0, rng)
     for _ in range(400):
         x = rng.uniform(-1, 1, size=6)
-        data.add(x, float(-np.sum((x - target) ** 2) + 0.01 * rng.normal()))
+        data.add(x, [-np.sum((x - target) ** 2) + 0.01 * rng.normal()])
     gen = torch.Generator().manual_seed(0)
     ensemble = GaussianEnsemble(3, 6, 1, cfg.hidden, cfg.layers, generator=gen)
-    data.fit(ensemble, torch.optim.Adam(ensemble.parameters(), lr=3e-3), cfg)
+    data.fit(ensemble, torch.optim.Adam(ensemble.parameters(), lr=3e-3), cfg.epochs, cfg.batch_size)
     planner = CEMPlanner(3, cfg.population, cfg.elites, cfg.iterations, -torch.ones(2), torch.ones(2), cfg.alpha)
     plan = plan_pulse(ensemble, planner, gen)
     assert plan.shape == (3, 2)

@@ -32,17 +32,32 @@ def main(argv: list[str]) -> dict:
     ens = GaussianEnsemble(cfg.ensemble_size, 4, 3, cfg.hidden, cfg.layers, generator=torch.Generator().manual_seed(0))
     opt = torch.optim.Adam(ens.parameters(), lr=cfg.lr)
     rng = np.random.default_rng(0)
-    data = pets._Data(0.1, rng)
+    try:
+        from mbrl.ensemble import HoldoutData
+
+        data = HoldoutData(0.1, rng)
+
+        def add(o, a, n):
+            data.add(np.concatenate([o, a]), n - o)
+
+        def fit():
+            data.fit(ens, opt, cfg.epochs, cfg.batch_size)
+    except ImportError:  # a checkout from before HoldoutData, for before/after timings
+        data = pets._Data(0.1, rng)
+        add = data.add
+
+        def fit():
+            fit()
     env = gym.make("Pendulum-v1")
     obs, _ = env.reset(seed=0)
     for i in range(1000):
         a = rng.uniform(-2, 2, size=1).astype(np.float32)
         nobs, _, terminated, truncated, _ = env.step(a)
-        data.add(obs, a, nobs)
+        add(obs, a, nobs)
         obs = nobs
         if terminated or truncated:
             obs, _ = env.reset(seed=i)
-    pets._fit(ens, opt, data, cfg, rng)
+    fit()
     agent = pets._Agent(ens, cfg, torch.Generator().manual_seed(1))
     obs, _ = env.reset(seed=5)
     cpu, wall = [], []
