@@ -197,3 +197,19 @@ class HoldoutData:
         if not self.hold_x:
             return float("nan"), float("nan")
         return holdout_metrics(ensemble, torch.as_tensor(np.stack(self.hold_x)), torch.as_tensor(np.stack(self.hold_y)))
+
+
+def plot_model_quality(ax, holdout_nll: list[tuple[int, float]], disagreement: list[tuple[int, float]],
+                       title: str = "model") -> None:
+    """Held-out NLL (left axis) and ensemble disagreement (right axis, log) against environment
+    steps, as the PETS-style runs record them: ``(step, value)`` pairs."""
+    if holdout_nll:
+        s, v = zip(*holdout_nll)
+        ax.plot(s, v, marker=".", color="C0")
+        ax.set_ylabel("held-out NLL per dimension", color="C0")
+        twin = ax.twinx()
+        s, d = zip(*disagreement)
+        twin.plot(s, d, marker=".", color="C1")
+        twin.set_yscale("log")
+        twin.set_ylabel("ensemble disagreement", color="C1")
+    ax.set(xlabel="environment steps", title=title)

@@ -22,7 +22,7 @@ import torch
 
 from mbrl.cem import CEMPlanner, trajectory_returns
 from mbrl.config import PETSConfig
-from mbrl.ensemble import GaussianEnsemble, HoldoutData
+from mbrl.ensemble import GaussianEnsemble, HoldoutData, plot_model_quality
 from train import NullReporter
 from utils import seed_streams
 
@@ -87,16 +87,7 @@ class PETSResult:
         axes[0].plot(self.episode_end_steps, self.episode_returns, marker=".")
         axes[0].axhline(-200, color="grey", ls="--", lw=0.8)
         axes[0].set(xlabel="environment steps", ylabel="episode return", title="return")
-        if self.holdout_nll:
-            s, v = zip(*self.holdout_nll)
-            axes[1].plot(s, v, marker=".", color="C0")
-            axes[1].set_ylabel("held-out NLL per dimension", color="C0")
-            twin = axes[1].twinx()
-            s, d = zip(*self.disagreement)
-            twin.plot(s, d, marker=".", color="C1")
-            twin.set_yscale("log")
-            twin.set_ylabel("ensemble disagreement", color="C1")
-        axes[1].set(xlabel="environment steps", title="model")
+        plot_model_quality(axes[1], self.holdout_nll, self.disagreement)
         axes[2].plot(self.plan_ms, lw=0.5)
         axes[2].set(xlabel="planned step", ylabel="ms", title="planning time per step")
         fig.suptitle(title)

@@ -29,7 +29,7 @@ import torch
 
 from mbrl.cem import CEMPlanner
 from mbrl.config import PulsePETSConfig
-from mbrl.ensemble import GaussianEnsemble, HoldoutData
+from mbrl.ensemble import GaussianEnsemble, HoldoutData, plot_model_quality
 from utils import seed_streams
 
 ENV_ID = "QubitPulse-v0"
@@ -100,16 +100,7 @@ class PulsePETSResult:
             axes[0].axhline(self.fidelity_robust, color="grey", ls="--", lw=0.8, label="robust pulse, held-out")
         axes[0].set(xlabel="environment steps", ylabel="average gate fidelity", title="fidelity")
         axes[0].legend(fontsize=7)
-        if self.holdout_nll:
-            s, v = zip(*self.holdout_nll)
-            axes[1].plot(s, v, marker=".", color="C0")
-            axes[1].set_ylabel("held-out NLL", color="C0")
-            twin = axes[1].twinx()
-            s, d = zip(*self.disagreement)
-            twin.plot(s, d, marker=".", color="C1")
-            twin.set_yscale("log")
-            twin.set_ylabel("ensemble disagreement", color="C1")
-        axes[1].set(xlabel="environment steps", title="reward model")
+        plot_model_quality(axes[1], self.holdout_nll, self.disagreement, title="reward model")
         fig.suptitle(title)
         fig.tight_layout()
         return {"pets_pulse_learning.png": fig}
