@@ -13,13 +13,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
-class PETSConfig(BaseModel):
+class EnsembleSettings(BaseModel):
+    """The Gaussian ensemble and its fit (mbrl/ensemble.py), shared by the PETS, pulse and Dyna sections."""
+
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    env_steps: int = Field(5000, ge=1, le=10_000_000)
-    """Environment steps of the whole run, the random seed episodes included."""
-    seed_steps: int = Field(200, ge=1)
-    """Steps of uniformly random actions before the first model is trained."""
     ensemble_size: int = Field(5, ge=1, le=64)
     hidden: int = Field(64, ge=1, le=4096)
     layers: int = Field(3, ge=1, le=8)
@@ -27,10 +25,20 @@ class PETSConfig(BaseModel):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(5e-5, ge=0)
     epochs: int = Field(5, ge=1)
-    """Passes over each member's bootstrap sample after every episode."""
+    """Passes over each member's bootstrap sample at every fit."""
     batch_size: int = Field(64, ge=1)
+    """The model's minibatch size."""
     holdout_fraction: float = Field(0.1, ge=0, lt=1)
-    """Share of transitions never trained on; the model NLL metric is measured on them."""
+    """Share of the model's data never fitted on; the held-out NLL metric is measured on it."""
+
+
+class PETSConfig(EnsembleSettings):
+    """The ``pets`` section of a ``pendulum`` experiment (the ensemble fits after every episode)."""
+
+    env_steps: int = Field(5000, ge=1, le=10_000_000)
+    """Environment steps of the whole run, the random seed episodes included."""
+    seed_steps: int = Field(200, ge=1)
+    """Steps of uniformly random actions before the first model is trained."""
     horizon: int = Field(15)
     population: int = Field(200)
     elites: int = Field(20)
@@ -60,25 +68,19 @@ class PETSConfig(BaseModel):
         return self
 
 
-class PulsePETSConfig(BaseModel):
-    """The ``pets`` section of a ``qubit_pulse`` experiment."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+class PulsePETSConfig(EnsembleSettings):
+    """The ``pets`` section of a ``qubit_pulse`` experiment (one (pulse, reward) sample per episode,
+    the ensemble fits after every episode, episodes are held out whole)."""
 
     env_steps: int = Field(2000, ge=1, le=10_000_000)
     """Environment steps of the whole run (``n_segments`` per episode), the random episodes included."""
     seed_episodes: int = Field(10, ge=2)
     """Episodes of uniformly random pulses before the first model is trained."""
-    ensemble_size: int = Field(5, ge=1, le=64)
     hidden: int = Field(128, ge=1, le=4096)
     layers: int = Field(2, ge=1, le=8)
-    lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     epochs: int = Field(60, ge=1)
-    """Passes over each member's bootstrap sample after every episode."""
     batch_size: int = Field(32, ge=1)
-    holdout_fraction: float = Field(0.1, ge=0, lt=1)
-    """Share of episodes never trained on; the model NLL metric is measured on them."""
     population: int = Field(300, ge=1)
     elites: int = Field(30, ge=1)
     iterations: int = Field(5, ge=1)
@@ -95,28 +97,17 @@ class PulsePETSConfig(BaseModel):
         return self
 
 
-class DynaConfig(BaseModel):
+class DynaConfig(EnsembleSettings):
     """Dyna (MBPO-style, Janner et al. 2019) on top of SB3's SAC: the model settings and the
     model-rollout schedule. SAC's own settings (batch size, ``gradient_steps`` = updates per
     environment step, learning rate, ``total_steps``) stay in the ``control`` section.
 
     Rollout length: ``k_min`` up to env step ``schedule_start``, then linear up to ``k_max`` at
     ``schedule_end`` (rounded down), ``k_max`` after; ``k_min == k_max`` is a fixed length.
+    The ensemble fits on the real buffer every ``model_train_every`` steps; ``batch_size`` is the
+    model's (SAC's is ``control.batch_size``); held out are real transitions by replay-buffer slot.
     """
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    ensemble_size: int = Field(5, ge=1, le=64)
-    hidden: int = Field(64, ge=1, le=4096)
-    layers: int = Field(3, ge=1, le=8)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(5e-5, ge=0)
-    epochs: int = Field(5, ge=1)
-    """Passes over each member's bootstrap sample of the real buffer at every model fit."""
-    batch_size: int = Field(64, ge=1)
-    """The model's batch size (SAC's is ``control.batch_size``)."""
-    holdout_fraction: float = Field(0.1, ge=0, lt=1)
-    """Share of real transitions (by replay-buffer slot) never fitted on; the model NLL is measured on them."""
     model_train_every: int = Field(250)
     """Environment steps between model fits; each fit is followed by a batch of model rollouts."""
     rollouts_per_step: int = Field(20)
