@@ -128,25 +128,25 @@ def test_functional_forward_matches_forward_for_every_backend():
 
 
 def test_padded_chunks():
-    assert padded_chunks(1) == [(0, 1, 1)] and padded_chunks(5) == [(0, 5, 8)] and padded_chunks(16) == [(0, 16, 16)]
+    assert padded_chunks(1) == [(0, 1, 1)] and padded_chunks(5) == [(0, 5, 5)] and padded_chunks(16) == [(0, 16, 16)]
     assert padded_chunks(17) == [(0, 17, 128)] and padded_chunks(5, small=False) == [(0, 5, 128)]
     assert padded_chunks(300) == [(0, 128, 128), (128, 256, 128), (256, 300, 128)]
 
 
 @pytest.mark.parametrize("backend", ["tensorcircuit", "pennylane"])
 def test_jitted_backends_compile_each_shape_once_and_chunk_exactly(backend):
-    """Forward and vector-Jacobian product compile once per padded shape, whatever the batch; padded
-    and chunked batches give the same outputs and gradients as PennyLane's torch interface."""
+    """Forward and vector-Jacobian product compile once per shape, whatever the batch; small and
+    chunked batches give the same outputs and gradients as PennyLane's torch interface."""
     rng = np.random.default_rng(0)
     exp = experiment(backend=backend, gradient="backprop", model={"n_qubits": 2, "n_layers": 1})
     model = build_model(exp, 4, 2, seed=0)
     assert model.circuit.name == backend and model.n_compiles == 0
-    sizes = (1, 3, 4, 5, 7, 8, 100, 1500)  # padded to 1, 4, 8, 8, 8, 8, 128, 12 x 128
+    sizes = (1, 3, 3, 7, 7, 100, 1500)  # shapes 1, 3, 3, 7, 7 (small: unpadded), 128, 12 x 128
     for _ in range(2):
         with torch.no_grad():
             for n in sizes:
                 model(torch.as_tensor(rng.normal(size=(n, 4))))
-    assert model.n_compiles == 4  # forward at 1, 4, 8, 128
+    assert model.n_compiles == 4  # forward at 1, 3, 7, 128
     assert model.circuit_evals == 2 * sum(sizes)  # padding is not counted
     obs = torch.as_tensor(rng.normal(size=(1500, 4)))
     reference = build_model(experiment(backend="pennylane", gradient="backprop", model={"n_qubits": 2, "n_layers": 1},
