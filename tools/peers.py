@@ -41,6 +41,7 @@ import numpy as np
 N_QUBITS, N_LAYERS = 4, 5
 N_THETA = (N_LAYERS + 1) * N_QUBITS * 3
 N_ANGLES = N_THETA + N_LAYERS * N_QUBITS
+N_CHECKED = 5  # rows whose values and gradients every stack must reproduce
 
 
 def median_s(fn, budget_s: float = 2.0, min_calls: int = 3) -> float:
@@ -110,8 +111,9 @@ def time_tfq(angles: np.ndarray, weights: np.ndarray) -> dict[str, float]:
             loss = tf.reduce_sum(w * layer(circuits, symbol_names=names, symbol_values=values, operators=operators))
         return tape.gradient(loss, values)
 
-    small, large = inputs(10), inputs(len(angles))
-    return {"forward_10_s": median_s(lambda: forward(*small[:3]).numpy()),
+    small, large, checked = inputs(10), inputs(len(angles)), inputs(N_CHECKED)
+    return {"values": forward(*checked[:3]).numpy()[:, 0], "gradients": gradient(*checked).numpy(),
+            "forward_10_s": median_s(lambda: forward(*small[:3]).numpy()),
             "forward_1000_s": median_s(lambda: forward(*large[:3]).numpy()),
             "gradient_1000_s": median_s(lambda: gradient(*large).numpy())}
 
@@ -139,7 +141,9 @@ def time_qiskit(angles: np.ndarray, weights: np.ndarray, gradient_rows: int) -> 
         grad_inputs, _ = qnn.backward(angles[:gradient_rows], empty)  # (rows, 1, 92), no weights
         return (weights[:gradient_rows, None, None] * grad_inputs).sum(1)
 
-    return {"forward_10_s": median_s(lambda: qnn.forward(angles[:10], empty)),
+    return {"values": qnn.forward(angles[:N_CHECKED], empty)[:, 0],
+            "gradients": (weights[:N_CHECKED, None] * qnn.backward(angles[:N_CHECKED], empty)[0][:, 0]),
+            "forward_10_s": median_s(lambda: qnn.forward(angles[:10], empty)),
             "forward_1000_s": median_s(lambda: qnn.forward(angles, empty), budget_s=0, min_calls=1),
             "gradient_1000_s": median_s(gradient, budget_s=0, min_calls=1) * len(angles) / gradient_rows}
 
@@ -161,10 +165,38 @@ def time_reference(angles: np.ndarray, weights: np.ndarray) -> dict[str, float]:
             "gradient_1000_s": median_s(lambda: policy.loss_and_grad(params, obs, actions, weights, 10))}
 
 
+def reference_values(angles: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """<Z0Z1Z2Z3> and d(w_b <O>_b)/d(angles_b) of the checked rows by the hand-written jax state
+    vector, one row at a time: its encoding angle e[l, q] = lambda[l, q] * s_q is the row's
+    encoding angle with lambda = that angle and the observation at its input scale (s = 1)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import jax
+    import jax.numpy as jnp
+
+    from tools import reference_statevector as rs
+
+    layout = rs.Layout(N_QUBITS, N_LAYERS, N_QUBITS, ((1.0, (0, 1, 2, 3)),))
+    obs = jnp.asarray([rs.INPUT_SCALE])
+
+    def value(row):
+        theta = row[:N_THETA].reshape(N_LAYERS + 1, N_QUBITS, 3)
+        encoding = row[N_THETA:].reshape(N_LAYERS, N_QUBITS)
+        return rs.expectations(layout, theta, encoding, obs, scan=False)[0, 0]
+
+    rows = [jnp.asarray(row) for row in angles[:N_CHECKED]]
+    values = np.array([float(value(row)) for row in rows])
+    gradients = np.stack([w * np.asarray(jax.grad(value)(row)) for w, row in zip(weights, rows)])
+    return values, gradients
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stacks", nargs="+", choices=("tfq", "qiskit", "reference"), default=["tfq", "qiskit", "reference"])
     parser.add_argument("--qiskit-gradient-rows", type=int, default=10, help="rows whose parameter-shift gradient is timed")
+    parser.add_argument("--value-tolerance", type=float, default=1e-5,
+                        help="largest allowed difference from the reference's <Z0Z1Z2Z3> (TFQ computes in float32)")
+    parser.add_argument("--gradient-tolerance", type=float, default=1e-4,
+                        help="largest allowed difference from the reference's gradient (float32 adjoint over 92 angles)")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     angles = rng.uniform(0, 2 * np.pi, (1000, N_ANGLES))
@@ -180,6 +212,18 @@ def main(argv: list[str] | None = None) -> int:
                 results[stack] = time_reference(angles, weights)
         except ImportError as exc:
             print(f"{stack}: not installed here ({exc.name}); skipped", file=sys.stderr)
+    expected_values, expected_gradients = reference_values(angles, weights)
+    print(f"reference <Z0Z1Z2Z3>, rows 0-{N_CHECKED - 1}: " + " ".join(f"{v:+.8f}" for v in expected_values))
+    agree = True
+    for stack, result in results.items():
+        if "values" not in result:
+            continue
+        dv = float(np.max(np.abs(result["values"] - expected_values)))
+        dg = float(np.max(np.abs(result["gradients"] - expected_gradients)))
+        ok = dv < args.value_tolerance and dg < args.gradient_tolerance
+        agree &= ok
+        print(f"{stack}: max |value - reference| {dv:.2e}, max |gradient - reference| {dg:.2e} on rows 0-{N_CHECKED - 1}"
+              + ("" if ok else f"  DISAGREES (tolerances {args.value_tolerance:g}, {args.gradient_tolerance:g})"))
     limit = results.get("reference")
     print("| stack | forward, batch 10 | forward, batch 1000 | gradient, 1000 rows |")
     print("|---|---|---|---|")
@@ -191,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                 cell += f" (x{times[key] / limit[key]:.3g} limit)"
             cells.append(cell)
         print(f"| {stack} | " + " | ".join(cells) + " |")
-    return 0
+    return 0 if agree else 1
 
 
 if __name__ == "__main__":
