@@ -133,8 +133,10 @@ def time_qiskit(angles: np.ndarray, weights: np.ndarray, gradient_rows: int) -> 
         else:
             getattr(qc, kind)(params[idx], where)
     # Qiskit orders qubits little-endian; a product of Z on all four is the same either way.
+    # default_precision=0: EstimatorQNN's own default (1/64) makes the estimator add N(0, 1/64^2)
+    # noise to every expectation value, a shot-noise model; exact values are asked for here.
     qnn = EstimatorQNN(circuit=qc, observables=SparsePauliOp("ZZZZ"), input_params=list(params), weight_params=[],
-                       estimator=StatevectorEstimator(), input_gradients=True)
+                       estimator=StatevectorEstimator(), input_gradients=True, default_precision=0.0)
     empty = np.zeros(0)
 
     def gradient():
