@@ -118,7 +118,9 @@ def time_tfq(angles: np.ndarray, weights: np.ndarray) -> dict[str, float]:
             "gradient_1000_s": median_s(lambda: gradient(*large).numpy())}
 
 
-def time_qiskit(angles: np.ndarray, weights: np.ndarray, gradient_rows: int) -> dict[str, float]:
+def time_qiskit(angles: np.ndarray, weights: np.ndarray, gradient_rows: int, simulator: str = "statevector") -> dict[str, float]:
+    """``simulator``: "statevector" (qiskit's reference StatevectorEstimator) or "aer" (qiskit-aer's
+    EstimatorV2, compiled C++, one thread, exact expectation values)."""
     from qiskit import QuantumCircuit
     from qiskit.circuit import ParameterVector
     from qiskit.primitives import StatevectorEstimator
@@ -135,8 +137,14 @@ def time_qiskit(angles: np.ndarray, weights: np.ndarray, gradient_rows: int) -> 
     # Qiskit orders qubits little-endian; a product of Z on all four is the same either way.
     # default_precision=0: EstimatorQNN's own default (1/64) makes the estimator add N(0, 1/64^2)
     # noise to every expectation value, a shot-noise model; exact values are asked for here.
+    if simulator == "aer":
+        from qiskit_aer.primitives import EstimatorV2 as AerEstimator
+
+        estimator = AerEstimator(options={"backend_options": {"method": "statevector", "max_parallel_threads": 1}})
+    else:
+        estimator = StatevectorEstimator()
     qnn = EstimatorQNN(circuit=qc, observables=SparsePauliOp("ZZZZ"), input_params=list(params), weight_params=[],
-                       estimator=StatevectorEstimator(), input_gradients=True, default_precision=0.0)
+                       estimator=estimator, input_gradients=True, default_precision=0.0)
     empty = np.zeros(0)
 
     def gradient():
@@ -193,7 +201,8 @@ def reference_values(angles: np.ndarray, weights: np.ndarray) -> tuple[np.ndarra
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stacks", nargs="+", choices=("tfq", "qiskit", "reference"), default=["tfq", "qiskit", "reference"])
+    parser.add_argument("--stacks", nargs="+", choices=("tfq", "qiskit", "qiskit-aer", "reference"),
+                        default=["tfq", "qiskit", "qiskit-aer", "reference"])
     parser.add_argument("--qiskit-gradient-rows", type=int, default=10, help="rows whose parameter-shift gradient is timed")
     parser.add_argument("--value-tolerance", type=float, default=1e-5,
                         help="largest allowed difference from the reference's <Z0Z1Z2Z3> (TFQ computes in float32)")
@@ -210,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                 results[stack] = time_tfq(angles, weights)
             elif stack == "qiskit":
                 results[stack] = time_qiskit(angles, weights, args.qiskit_gradient_rows)
+            elif stack == "qiskit-aer":
+                results[stack] = time_qiskit(angles, weights, args.qiskit_gradient_rows, simulator="aer")
             else:
                 results[stack] = time_reference(angles, weights)
         except ImportError as exc:
