@@ -56,6 +56,24 @@ def median_s(fn, budget_s: float = 2.0, min_calls: int = 3) -> float:
     return statistics.median(times)
 
 
+def figure(x: float) -> str:
+    """No exponent: 3 significant digits below 100 (0.143, 21.8), whole numbers above (2,143)."""
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def versions() -> str:
+    from importlib import metadata
+
+    found = []
+    for name in ("tensorflow", "tensorflow-quantum", "tf-keras", "cirq-core", "qiskit", "qiskit-machine-learning",
+                 "qiskit-aer", "jax", "jaxlib", "numpy"):
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} absent")
+    return ", ".join(found)
+
+
 def gate_layout():
     """[(kind, qubit or pair, angle index)] of the circuit above."""
     ops = []
@@ -238,14 +256,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{stack}: max |value - reference| {dv:.2e}, max |gradient - reference| {dg:.2e} on rows 0-{N_CHECKED - 1}"
               + ("" if ok else f"  DISAGREES (tolerances {args.value_tolerance:g}, {args.gradient_tolerance:g})"))
     limit = results.get("reference")
-    print("| stack | forward, batch 10 | forward, batch 1000 | gradient, 1000 rows |")
+    print(f"python {sys.version.split()[0]}, {versions()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
+    print("| median, ms (x the reference's in this process) | forward, batch 10 | forward, batch 1000 | gradient, 1000 rows |")
     print("|---|---|---|---|")
     for stack, times in results.items():
         cells = []
         for key in ("forward_10_s", "forward_1000_s", "gradient_1000_s"):
-            cell = f"{1e3 * times[key]:.3g} ms"
+            cell = f"{figure(1e3 * times[key])} ms"
             if limit and stack != "reference":
-                cell += f" (x{times[key] / limit[key]:.3g} limit)"
+                cell += f" (x{figure(times[key] / limit[key])})"
             cells.append(cell)
         print(f"| {stack} | " + " | ".join(cells) + " |")
     return 0 if agree else 1
