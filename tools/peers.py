@@ -1,31 +1,40 @@
 """The peer stacks a user would pick, timed on the same 4-qubit, 5-layer re-uploading circuit.
 
 Not part of the project and not among its requirements: run it in a separate environment where
-the peers are installed, for example::
+the peers are installed. As run on 2026-11-26 (Python 3.11, all wheels from PyPI)::
 
-    python3 -m venv /tmp/peers && . /tmp/peers/bin/activate
-    pip install tensorflow-quantum==0.7.3 "tensorflow<2.16" numpy     # or TFQ 0.7.6 with its pinned TF
-    pip install qiskit qiskit-machine-learning==0.9.1
-    pip install jax                                                  # optional: the limit in the same process
-    OMP_NUM_THREADS=1 TF_USE_LEGACY_KERAS=1 python tools/peers.py --stacks tfq qiskit
+    python3 -m venv /work/scratch/peers-venv && . /work/scratch/peers-venv/bin/activate
+    pip install tensorflow-quantum==0.7.6 "tensorflow>=2.18,<2.19" qiskit qiskit-machine-learning==0.9.1 qiskit-aer
+    pip install jax==0.10.2 jaxlib==0.10.2   # the project's jax; TFQ 0.7.6 pins jax<0.6 but never imports it
+    OMP_NUM_THREADS=1 TF_USE_LEGACY_KERAS=1 python tools/peers.py --stacks tfq qiskit qiskit-aer reference
+
+(TFQ 0.7.6 brings tensorflow 2.18.1, tf-keras 2.18.0, cirq-core 1.5.0 and numpy 2.0.2; qiskit 2.6.2,
+qiskit-aer 0.18.2.) jax is required: the check below and the limit use it.
 
 It prints, per stack, the median time of a forward call (expectation values of Z0Z1Z2Z3) at a
 batch of 10 and of 1000 circuits and of one gradient of sum_b w_b <O>_b with respect to every gate
-angle of 1000 circuits. Qiskit Machine Learning has no reverse-mode gradient (its EstimatorQNN
-differentiates by parameter shift, 2 x 92 circuits per row), so its gradient is timed on
-``--qiskit-gradient-rows`` rows and scaled to 1000. If jax is importable, the hand-written
-reference (tools/reference_statevector.py) is timed in the same process and every time is also
-printed as a multiple of it.
+angle of 1000 circuits, each stack on its fastest path (TFQ: circuit tensors built once, graph
+mode, adjoint differentiator; Qiskit ML: EstimatorQNN on qiskit's StatevectorEstimator and on
+Aer's EstimatorV2, exact values). Qiskit Machine Learning has no reverse-mode gradient (its
+EstimatorQNN differentiates by parameter shift, 2 x 92 circuits per row), so its gradient is
+timed on ``--qiskit-gradient-rows`` rows and scaled to 1000. The hand-written reference
+(tools/reference_statevector.py, layers unrolled) is timed in the same process and every time is
+also printed as a multiple of it (its gradient is the REINFORCE loss's, with respect to the 94
+policy parameters, the cost of one reverse pass over 1000 rows as the peers' is).
+
+Before timing, every stack's values and gradients on 5 rows are compared with the reference's
+(float64, one row at a time); the maximum differences are printed and the script exits 1 past
+``--value-tolerance`` / ``--gradient-tolerance``. TFQ computes in float32: 4e-6 on the values,
+4e-5 on the adjoint gradient (its parameter-shift differentiator: 9e-6), Qiskit 1e-15.
 
 The circuit per row, as in models.py (4 qubits, 5 layers, gate angles are the inputs)::
 
     for l in 0..4: Rx Ry Rz(theta[l, q]) on each qubit; CZ ring; Rx(a[l, q]) on each qubit
     final:         Rx Ry Rz(theta[5, q]);  readout <Z0 Z1 Z2 Z3>
 
-The angles are random (seeded), 72 variational and 20 encoding angles per row. The issue's peer
-numbers (TensorFlow Quantum 0.7.6 and Qiskit ML 0.9.1, one thread, 2-core x86-64 machine) were
-measured this way; this script was written for their reproduction and has not been run in the
-project's own environment, where neither peer is installed.
+The angles are random (seeded), 72 variational and 20 encoding angles per row. The README's peer
+table (issue 17) was measured with this script on 2026-11-26 on the project's 2-core x86-64
+machine, one thread; the issue author's earlier figures, measured another way, are kept beside it.
 """
 
 from __future__ import annotations
