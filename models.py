@@ -298,8 +298,9 @@ class JaxCompileMonitor:
 #: thread). Every other call is cut into chunks of exactly CHUNK circuits (the last one padded).
 #: Each call site of a run (acting, targets, gradient batches, estimator batches) therefore meets
 #: one shape from its first update on, however the recorded batch grows, and nothing compiles
-#: after warm-up. The cost per circuit is the same for chunks of 128 to 1024 (4 qubits, 5 layers:
-#: 65 ms for the gradient of 1000 rows either way), so the smallest wastes least on padding.
+#: after warm-up. The cost per circuit varies little between chunks of 128 and 1024 (4 qubits, 5
+#: layers, values and row Jacobians: 13.3 ms for one call of 1024 rows, 8 x 1.84 ms in chunks of
+#: 128), so the smallest wastes least on padding.
 SMALL_BATCH = 16
 CHUNK = 128
 
