@@ -161,6 +161,42 @@ def test_jitted_backends_compile_each_shape_once_and_chunk_exactly(backend):
     assert model.n_compiles == 5 and model.compile_s > 0
 
 
+@pytest.mark.parametrize("backend, gradient", [("tensorcircuit", "backprop"), ("pennylane", "backprop"),
+                                               ("tensorcircuit", "parameter-shift")])
+@pytest.mark.parametrize("algorithm", ["reinforce", "dqn"])
+def test_acting_runs_the_whole_policy_in_one_compiled_call(backend, gradient, algorithm):
+    """Small batches without gradient on a jax backend: gate angles, circuit and readout in one
+    compiled call (ReUploadingPQC.forward -> circuit.act). The same outputs as the torch path around
+    the circuit, the same circuit count, one compilation per shape; with gradient the torch path."""
+    exp = experiment(backend=backend, gradient=gradient, algorithm=algorithm, model={"n_qubits": 3, "n_layers": 2, "beta": 2.5})
+    model = build_model(exp, 4, 2, seed=3)
+    assert model.circuit.compiles_policies and model.n_compiles == 0
+    with torch.no_grad():  # every parameter away from its default, so a mixed-up index or factor shows
+        model.input_scaling.copy_(torch.linspace(0.5, 1.5, model.input_scaling.numel()).reshape(model.input_scaling.shape))
+        model.output_weights.copy_(torch.tensor([0.7, -1.3], dtype=torch.float64))
+        fast = model(OBS)
+        assert (model.circuit_evals, model.n_compiles) == (3, 1)  # the policy function at 3 rows
+        model(OBS[:2]), model(OBS)
+        assert (model.circuit_evals, model.n_compiles) == (8, 2)  # + the 2-row shape, nothing else
+        torch_path = model._forward(model.theta[None], model.input_scaling[None], model.output_weights[None], OBS)[0]
+    assert torch.allclose(fast, torch_path, atol=1e-12, rtol=0) and fast.abs().max() > 1e-2
+    assert fast.shape == (3, 2) and not fast.requires_grad
+    out = model(OBS)  # autograd wants the gradient: the torch path, differentiable
+    assert out.requires_grad and torch.allclose(out.detach(), fast, atol=1e-12, rtol=0)
+    out.sum().backward()
+    assert model.output_weights.grad is not None and model.theta.grad.abs().sum() > 0
+
+
+def test_precompile_acting_compiles_the_acting_call_without_counting_circuits():
+    model = build_model(experiment(backend="tensorcircuit", gradient="backprop", algorithm="dqn",
+                                   model={"n_qubits": 2, "n_layers": 1}), 4, 2, seed=0)
+    model.precompile_acting(1)
+    assert (model.n_compiles, model.circuit_evals) == (1, 0)
+    with torch.no_grad():
+        model(OBS[:1])
+    assert (model.n_compiles, model.circuit_evals) == (1, 1)
+
+
 def test_pennylane_unrolled_jax_qnode_agrees_with_the_scanned_one():
     """scan_layers=False: the whole circuit as one broadcasting QNode under jax.jit."""
     outs = []
