@@ -201,10 +201,6 @@ class CircuitBackend:
     def _evaluate(self, gate_angles: torch.Tensor, update: bool) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def precompile(self, n_rows: int) -> None:
-        """Compile the shape of an ``n_rows`` call without gradient now (nothing to do unless the
-        backend compiles); not counted as circuit evaluations."""
-
 
 class PennyLaneCircuit(CircuitBackend):
     """A torch-interface QNode with parameter broadcasting over the batch of gate angles.
@@ -401,9 +397,6 @@ class JaxJitCircuit(CircuitBackend):
             return _JaxCircuitFunction.apply(gate_angles, self)
         return self._run(self._jit_forward, gate_angles, small=not update)
 
-    def precompile(self, n_rows: int) -> None:
-        self._run(self._jit_forward, torch.zeros(n_rows, self.spec.n_gate_angles, dtype=DTYPE), small=True)
-
     def act(self, head: PolicyHead, obs: torch.Tensor, theta: torch.Tensor, input_scaling: torch.Tensor,
             output_weights: torch.Tensor, count: bool = True) -> torch.Tensor:
         """The outputs ``(B, A)`` of a re-uploading policy for up to SMALL_BATCH observations, without
@@ -579,10 +572,6 @@ class TensorCircuitCircuit(JaxJitCircuit):
         if self.math_backend == "pytorch":
             return self._torch_fn(gate_angles)
         return super()._evaluate(gate_angles, update)
-
-    def precompile(self, n_rows: int) -> None:
-        if self.math_backend == "jax":
-            super().precompile(n_rows)
 
     def _run(self, jitted: Callable, *arrays: torch.Tensor, small: bool, shared: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
         use_tensorcircuit("jax")  # a no-op in a worker; a new shape is traced with TensorCircuit's jax backend
@@ -761,9 +750,6 @@ class ParameterShiftCircuit(CircuitBackend):
     def compile_s(self) -> float | None:  # type: ignore[override]
         return self.inner.compile_s
 
-    def precompile(self, n_rows: int) -> None:
-        self.inner.precompile(n_rows)
-
     @property
     def compiles_policies(self) -> bool:  # type: ignore[override]
         return self.inner.compiles_policies
@@ -818,9 +804,8 @@ class CircuitCounters:
 
     def precompile_acting(self, n_rows: int) -> None:
         """Compile the action-selection shape now, so that warm-up ends with the first update even
-        when the first greedy action comes later (DQN exploring)."""
-        if self.circuit is not None:
-            self.circuit.precompile(n_rows)
+        when the first greedy action comes later (DQN exploring). Nothing to do for a model that
+        does not compile its acting call."""
 
 
 def initial_angles(shape, init: str, generator: torch.Generator) -> torch.Tensor:
@@ -962,8 +947,6 @@ class ReUploadingPQC(PolicyModel):
         if self.circuit.compiles_policies:
             obs = torch.zeros(n_rows, self.spec.n_inputs, dtype=DTYPE, device=self.theta.device)
             self.circuit.act(self.head_constants, obs, self.theta, self.input_scaling, self.output_weights, count=False)
-        else:
-            super().precompile_acting(n_rows)
 
     def functional_forward(self, flat: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -185,12 +185,20 @@ def time_qiskit(angles: np.ndarray, weights: np.ndarray, gradient_rows: int, sim
             "gradient_1000_s": median_s(gradient, budget_s=0, min_calls=1) * len(angles) / gradient_rows}
 
 
+def reference_statevector():
+    """tools/reference_statevector.py, imported from this checkout whatever the working directory."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from tools import reference_statevector
+
+    return reference_statevector
+
+
 def time_reference(angles: np.ndarray, weights: np.ndarray) -> dict[str, float]:
     """The hand-written reference policy: the same circuit with random weights on random observations
     (its gate angles differ from ``angles``, its cost does not), and a REINFORCE-weighted gradient."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from tools import reference_statevector as rs
-
+    rs = reference_statevector()
     policy = rs.ReferencePolicy(rs.Layout(N_QUBITS, N_LAYERS, N_QUBITS, ((1.0, (0, 1, 2, 3)), (-1.0, (0, 1, 2, 3)))), scan=False)
     rng = np.random.default_rng(1)
     params = {"theta": rng.uniform(0, np.pi, (N_LAYERS + 1, N_QUBITS, 3)), "input_scaling": np.ones((N_LAYERS, N_QUBITS)),
@@ -206,12 +214,10 @@ def reference_values(angles: np.ndarray, weights: np.ndarray) -> tuple[np.ndarra
     """<Z0Z1Z2Z3> and d(w_b <O>_b)/d(angles_b) of the checked rows by the hand-written jax state
     vector, one row at a time: its encoding angle e[l, q] = lambda[l, q] * s_q is the row's
     encoding angle with lambda = that angle and the observation at its input scale (s = 1)."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import jax
     import jax.numpy as jnp
 
-    from tools import reference_statevector as rs
-
+    rs = reference_statevector()
     layout = rs.Layout(N_QUBITS, N_LAYERS, N_QUBITS, ((1.0, (0, 1, 2, 3)),))
     obs = jnp.asarray([rs.INPUT_SCALE])
 
